@@ -1,0 +1,81 @@
+// Input checks shared by every op and both backends: one place that names the argument, says what was
+// expected and what came.
+#pragma once
+
+#include <cmath>
+
+#include <ATen/core/Tensor.h>
+#include <ATen/MemoryOverlap.h>
+#include <ATen/ops/_assert_async.h>
+#include <c10/core/GradMode.h>
+#include <c10/util/Exception.h>
+#include <c10/util/Optional.h>
+
+namespace robust_ext {
+
+inline bool is_supported_float(at::ScalarType t) {
+  return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
+}
+
+inline void check_image(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+  TORCH_CHECK(is_supported_float(t.scalar_type()), name,
+              " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
+  check_image(t, name);
+  TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have the same shape as ", ref_name, " ", ref.sizes(),
+              ", got ", t.sizes());
+  TORCH_CHECK(t.scalar_type() == ref.scalar_type(), name, " must have the same dtype as ", ref_name, " (",
+              ref.scalar_type(), "), got ", t.scalar_type());
+  TORCH_CHECK(t.device() == ref.device(), name, " must be on the same device as ", ref_name, " (",
+              ref.device(), "), got ", t.device());
+}
+
+inline void check_bounds(double clip_min, double clip_max) {
+  TORCH_CHECK(!std::isnan(clip_min) && !std::isnan(clip_max), "clip_min and clip_max must not be NaN");
+  TORCH_CHECK(clip_min <= clip_max, "clip_min must be <= clip_max, got clip_min=", clip_min,
+              " and clip_max=", clip_max);
+}
+
+// A budget (alpha or eps) is a float, or a per-sample tensor along dim 0 of x. eps must be >= 0;
+// alpha may be negative (a targeted, descending step). Values are checked without a host sync: on
+// CUDA a bad per-sample value fails asynchronously (at the next synchronisation).
+inline void check_budget(double value, const c10::optional<at::Tensor>& per_sample, const char* name,
+                         bool non_negative, const at::Tensor& x) {
+  if (!per_sample.has_value() || !per_sample->defined()) {
+    TORCH_CHECK(!std::isnan(value), name, " must not be NaN");
+    TORCH_CHECK(!non_negative || value >= 0, name, " must be >= 0, got ", value);
+    return;
+  }
+  const at::Tensor& t = *per_sample;
+  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
+              " as a tensor must have a floating-point dtype, got ", t.scalar_type());
+  TORCH_CHECK(x.dim() >= 1, name, " is a per-sample tensor, so x needs a batch dimension (dim 0), got a 0-d x");
+  TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), name,
+              " as a tensor must be 1-D with one value per sample (", x.size(0), "), got shape ", t.sizes());
+  TORCH_CHECK(t.device() == x.device(), name, " must be on the same device as x (", x.device(), "), got ",
+              t.device());
+  if (t.numel() == 0) return;
+  const at::Tensor bad = non_negative ? t.lt(0).logical_or_(t.isnan()).any() : t.isnan().any();
+  if (t.is_cpu()) {
+    TORCH_CHECK(!bad.item<bool>(), name, non_negative ? " must be >= 0 and not NaN for every sample"
+                                                       : " must not be NaN for any sample");
+  } else {
+    at::_assert_async(bad.logical_not(), non_negative ? "robust_ext: eps must be >= 0 for every sample"
+                                                      : "robust_ext: alpha must not be NaN");
+  }
+}
+
+// Writing into x_adv must not corrupt it: no element may alias another, x_adv may not partly overlap an
+// input, and autograd must not lose track of a leaf it differentiates.
+inline void check_writable(const at::Tensor& x_adv, std::initializer_list<at::Tensor> inputs) {
+  at::assert_no_internal_overlap(x_adv);
+  for (const auto& t : inputs) at::assert_no_partial_overlap(x_adv, t);
+  TORCH_CHECK(!(c10::GradMode::is_enabled() && x_adv.requires_grad() && x_adv.is_leaf()),
+              "x_adv is a leaf tensor that requires grad and cannot be updated in place; update it under "
+              "torch.no_grad() or pass x_adv.detach()");
+}
+
+}  // namespace robust_ext

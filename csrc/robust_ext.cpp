@@ -1,0 +1,63 @@
+// Every robust_ext schema, defined once. Kernels register per dispatch key in cpu/ and cuda/; the fake
+// (meta) kernels for torch.compile live in robust_ext/ops.py.
+#include <Python.h>
+
+#include <string>
+
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+namespace robust_ext {
+namespace {
+
+std::string cpu_isa() {
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+  __builtin_cpu_init();
+  if (__builtin_cpu_supports("x86-64-v4")) return "x86-64-v4 (AVX-512)";
+  if (__builtin_cpu_supports("x86-64-v3")) return "x86-64-v3 (AVX2)";
+  return "baseline";
+#else
+  return "compiler default";
+#endif
+}
+
+std::string build_info() {
+  std::string s = "robust_ext._C built against torch " ROBUST_EXT_TORCH_VERSION;
+#ifdef _OPENMP
+  s += "; CPU threads: OpenMP";
+#else
+  s += "; CPU threads: none (built without -fopenmp)";
+#endif
+  s += "; CPU loops: run-time ISA dispatch, selected " + cpu_isa();
+#ifdef ROBUST_EXT_WITH_CUDA
+  s += "; CUDA kernels: compiled";
+#else
+  s += "; CUDA kernels: not compiled";
+#endif
+  return s;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(robust_ext, m) {
+  m.def("linf_step(Tensor x_adv, Tensor grad, Tensor x, float alpha, float eps, float clip_min, "
+        "float clip_max, Tensor? alpha_t=None, Tensor? eps_t=None) -> Tensor");
+  m.def("linf_step_(Tensor(a!) x_adv, Tensor grad, Tensor x, float alpha, float eps, float clip_min, "
+        "float clip_max, Tensor? alpha_t=None, Tensor? eps_t=None) -> ()");
+  m.def("linf_project(Tensor x_adv, Tensor x, float eps, float clip_min, float clip_max, "
+        "Tensor? eps_t=None) -> Tensor");
+  m.def("linf_project_(Tensor(a!) x_adv, Tensor x, float eps, float clip_min, float clip_max, "
+        "Tensor? eps_t=None) -> ()");
+  m.def("fgsm(Tensor x, Tensor grad, float eps, float clip_min, float clip_max, Tensor? eps_t=None) -> Tensor");
+  m.def("linf_random_init(Tensor x, float eps, float clip_min, float clip_max, Tensor seed, "
+        "Tensor? eps_t=None) -> Tensor");
+  m.def("build_info() -> str", &build_info);
+}
+
+}  // namespace robust_ext
+
+// Importing robust_ext._C runs the registrations above; the module itself has no functions.
+extern "C" PyObject* PyInit__C(void) {
+  static struct PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, nullptr};
+  return PyModule_Create(&module_def);
+}

@@ -1,0 +1,202 @@
+"""The fused attack ops: robust_ext's public op API.
+
+Every op has a functional form and, where it updates an adversarial example, an in-place ``_`` form
+that mutates ``x_adv`` and returns it. ``alpha`` and ``eps`` are Python floats or tensors with one value
+per sample (dim 0 of ``x``; a 0-d tensor applies to every sample). A negative ``alpha`` steps *down* the
+gradient: that is the targeted attack's step. ``eps`` must be >= 0.
+
+Semantics shared by every op (``csrc/linf_math.h``):
+
+* ``sign(0) = 0`` as ``torch.sign``; a NaN gradient element counts as 0, so that element does not move
+  (NaN is never written into ``x_adv`` from the gradient); a +-inf gradient element has sign +-1.
+* projection then clipping: ``clip(x + clamp(v - x, -eps, eps), clip_min, clip_max)``, torchattacks'
+  operation order, so fp32 results are bit-identical to torchattacks' PGD update.
+* float16/bfloat16 are computed in float32 and rounded once; fp32/fp64 are bit-identical to
+  :mod:`robust_ext.reference`.
+
+The compiled extension serves the ops when it is built; otherwise (or with
+``ROBUST_EXT_BACKEND=reference``) :mod:`robust_ext.reference` does, after a one-time warning.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from types import SimpleNamespace
+
+import torch
+
+from . import reference
+
+__all__ = ["linf_step", "linf_step_", "linf_project", "linf_project_", "fgsm", "linf_random_init",
+           "backend", "build_info"]
+
+log = logging.getLogger("robust_ext")
+
+_OP_NAMES = ("linf_step", "linf_step_", "linf_project", "linf_project_", "fgsm", "linf_random_init")
+
+
+def _load_extension():
+    """(ops namespace or None, reason) honouring ROBUST_EXT_BACKEND = auto | extension | reference."""
+    choice = os.environ.get("ROBUST_EXT_BACKEND", "auto").strip().lower()
+    if choice not in ("auto", "extension", "reference"):
+        raise ValueError(f"ROBUST_EXT_BACKEND must be auto, extension or reference, got {choice!r}")
+    if choice == "reference":
+        log.info("robust_ext: ROBUST_EXT_BACKEND=reference, using the pure-PyTorch ops")
+        return None, "forced by ROBUST_EXT_BACKEND=reference"
+    try:
+        from . import _C  # noqa: F401  (registers the robust_ext:: ops)
+    except ImportError as e:
+        if choice == "extension":
+            raise ImportError(f"ROBUST_EXT_BACKEND=extension but robust_ext._C does not load: {e}") from e
+        warnings.warn(f"robust_ext: the compiled extension is not available ({e}); every op runs on the "
+                      "slower pure-PyTorch reference. Rebuild with `pip install --no-build-isolation .`.",
+                      RuntimeWarning, stacklevel=3)
+        return None, f"extension not loaded: {e}"
+    return torch.ops.robust_ext, "extension loaded"
+
+
+_EXT, _REASON = _load_extension()
+
+
+def _has_kernel(key: str) -> bool:
+    return _EXT is not None and torch._C._dispatch_has_kernel_for_dispatch_key("robust_ext::linf_step", key)
+
+
+_REF = SimpleNamespace(**{name: getattr(reference, name) for name in _OP_NAMES})
+_IMPL = {"cpu": _EXT if _has_kernel("CPU") else _REF, "cuda": _EXT if _has_kernel("CUDA") else _REF}
+
+
+def backend() -> dict:
+    """Which implementation serves each device: {'cpu': 'extension' | 'reference', 'cuda': ..., 'reason': ...}."""
+    name = {id(_EXT): "extension", id(_REF): "reference"}
+    return {"cpu": name[id(_IMPL["cpu"])], "cuda": name[id(_IMPL["cuda"])], "reason": _REASON}
+
+
+def build_info() -> str:
+    """How the extension was built (torch version, threading, selected CPU ISA, CUDA), or why it is absent."""
+    return torch.ops.robust_ext.build_info() if _EXT is not None else f"no extension ({_REASON})"
+
+
+def _impl(x):
+    try:
+        return _IMPL.get(x.device.type, _REF)
+    except AttributeError:
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}") from None
+
+
+def _budget(value, name: str, x):
+    """A budget as the schema takes it: (float, None) or (0.0, per-sample tensor)."""
+    if isinstance(value, torch.Tensor):
+        if value.dim() == 0 and isinstance(x, torch.Tensor) and x.dim() > 0:
+            value = value.expand(x.shape[0])
+        return 0.0, value
+    if isinstance(value, (float, int)) and not isinstance(value, bool):
+        return float(value), None
+    raise TypeError(f"{name} must be a float or a tensor with one value per sample, got {type(value).__name__}")
+
+
+def _bound(value, name: str) -> float:
+    if isinstance(value, (float, int)) and not isinstance(value, bool):
+        return float(value)
+    raise TypeError(f"{name} must be a float, got {type(value).__name__}")
+
+
+def linf_step(x_adv, grad, x, alpha, eps, clip_min=0.0, clip_max=1.0):
+    """One BIM/PGD step, fused: ``clip(project_eps(x_adv + alpha * sign(grad)))`` in one memory pass.
+
+    Returns a new tensor with ``x_adv``'s layout. ``alpha < 0`` descends (targeted attacks).
+    """
+    a, a_t = _budget(alpha, "alpha", x)
+    e, e_t = _budget(eps, "eps", x)
+    return _impl(x).linf_step(x_adv, grad, x, a, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"),
+                              a_t, e_t)
+
+
+def linf_step_(x_adv, grad, x, alpha, eps, clip_min=0.0, clip_max=1.0):
+    """In-place :func:`linf_step`: updates and returns ``x_adv``."""
+    a, a_t = _budget(alpha, "alpha", x)
+    e, e_t = _budget(eps, "eps", x)
+    _impl(x).linf_step_(x_adv, grad, x, a, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"),
+                        a_t, e_t)
+    return x_adv
+
+
+def linf_project(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
+    """Projection onto the L-inf ball of radius ``eps`` around ``x``, then clipping: for custom step rules."""
+    e, e_t = _budget(eps, "eps", x)
+    return _impl(x).linf_project(x_adv, x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+
+
+def linf_project_(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
+    """In-place :func:`linf_project`: updates and returns ``x_adv``."""
+    e, e_t = _budget(eps, "eps", x)
+    _impl(x).linf_project_(x_adv, x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+    return x_adv
+
+
+def fgsm(x, grad, eps, clip_min=0.0, clip_max=1.0):
+    """FGSM (Goodfellow et al. 2015): ``clip(x + eps * sign(grad))``."""
+    e, e_t = _budget(eps, "eps", x)
+    return _impl(x).fgsm(x, grad, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+
+
+def _seed(x, generator):
+    """A 64-bit Philox key drawn from ``generator`` (default: the default generator of x's device)."""
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
+    device = generator.device if generator is not None else x.device
+    if device.type != "cpu" and device != x.device:
+        raise ValueError(f"generator must be a CPU generator or on x's device ({x.device}), got {device}")
+    return torch.empty((), dtype=torch.int64, device=device).random_(generator=generator)
+
+
+def linf_random_init(x, eps, clip_min=0.0, clip_max=1.0, generator=None):
+    """A uniform random start in the eps-ball: ``clip(x + U(-eps, eps))``.
+
+    The noise comes from Philox4x32-10 inside the kernel, keyed by one 64-bit draw from ``generator``
+    (or the default generator): ``torch.manual_seed`` or a seeded ``torch.Generator`` reproduces it, and
+    it is the same for any thread count and any memory layout of ``x``. Resolution: 24 random bits per
+    element for float32/float16/bfloat16, 32 for float64.
+    """
+    impl = _impl(x)
+    e, e_t = _budget(eps, "eps", x)
+    return impl.linf_random_init(x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"),
+                                 _seed(x, generator), e_t)
+
+
+def _register_fakes():
+    """Meta kernels: shapes, dtypes and strides of the results, for torch.compile and FakeTensor."""
+    lib = "robust_ext::"
+
+    @torch.library.register_fake(lib + "linf_step")
+    def _(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
+        reference._check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, None)
+        return torch.empty_like(x_adv)
+
+    @torch.library.register_fake(lib + "linf_step_")
+    def _(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
+        reference._check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, None)
+
+    @torch.library.register_fake(lib + "linf_project")
+    def _(x_adv, x, eps, clip_min, clip_max, eps_t=None):
+        reference._check_project(x_adv, x, eps, clip_min, clip_max, None)
+        return torch.empty_like(x_adv)
+
+    @torch.library.register_fake(lib + "linf_project_")
+    def _(x_adv, x, eps, clip_min, clip_max, eps_t=None):
+        reference._check_project(x_adv, x, eps, clip_min, clip_max, None)
+
+    @torch.library.register_fake(lib + "fgsm")
+    def _(x, grad, eps, clip_min, clip_max, eps_t=None):
+        reference._check_like(grad, "grad", x, "x")
+        return torch.empty_like(x)
+
+    @torch.library.register_fake(lib + "linf_random_init")
+    def _(x, eps, clip_min, clip_max, seed, eps_t=None):
+        reference._check_image(x, "x")
+        return torch.empty_like(x)
+
+
+if _EXT is not None:
+    _register_fakes()

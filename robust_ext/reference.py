@@ -1,0 +1,218 @@
+"""Pure-PyTorch implementation of every robust_ext op: the run-time fallback when the compiled extension
+is absent, and the oracle the tests hold the kernels to.
+
+Each function has the same signature and semantics as its op schema in ``csrc/robust_ext.cpp`` and does
+the same operations in the same order with the same casts as ``csrc/linf_math.h``: fp32/fp64 results
+are bit-identical to the kernels'. Half types (fp16, bf16) are computed in fp32 and rounded once.
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+_FLOATS = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+# ---- checks (the same conditions and messages as csrc/checks.h) -------------------------------------
+
+def _check_image(t, name):
+    if not isinstance(t, torch.Tensor):
+        raise RuntimeError(f"{name} must be a tensor, got {type(t).__name__}")
+    if t.dtype not in _FLOATS:
+        raise RuntimeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+
+
+def _check_like(t, name, ref, ref_name):
+    _check_image(t, name)
+    if t.shape != ref.shape:
+        raise RuntimeError(f"{name} must have the same shape as {ref_name} {list(ref.shape)}, got {list(t.shape)}")
+    if t.dtype != ref.dtype:
+        raise RuntimeError(f"{name} must have the same dtype as {ref_name} ({ref.dtype}), got {t.dtype}")
+    if t.device != ref.device:
+        raise RuntimeError(f"{name} must be on the same device as {ref_name} ({ref.device}), got {t.device}")
+
+
+def _check_bounds(clip_min, clip_max):
+    if math.isnan(clip_min) or math.isnan(clip_max):
+        raise RuntimeError("clip_min and clip_max must not be NaN")
+    if clip_min > clip_max:
+        raise RuntimeError(f"clip_min must be <= clip_max, got clip_min={clip_min} and clip_max={clip_max}")
+
+
+def _check_budget(value, per_sample, name, non_negative, x):
+    if per_sample is None:
+        if math.isnan(value):
+            raise RuntimeError(f"{name} must not be NaN")
+        if non_negative and value < 0:
+            raise RuntimeError(f"{name} must be >= 0, got {value}")
+        return
+    t = per_sample
+    if not t.is_floating_point():
+        raise RuntimeError(f"{name} as a tensor must have a floating-point dtype, got {t.dtype}")
+    if x.dim() < 1:
+        raise RuntimeError(f"{name} is a per-sample tensor, so x needs a batch dimension (dim 0), got a 0-d x")
+    if t.dim() != 1 or t.shape[0] != x.shape[0]:
+        raise RuntimeError(f"{name} as a tensor must be 1-D with one value per sample ({x.shape[0]}), "
+                           f"got shape {list(t.shape)}")
+    if t.device != x.device:
+        raise RuntimeError(f"{name} must be on the same device as x ({x.device}), got {t.device}")
+    bad = ((t < 0) | t.isnan()).any() if non_negative else t.isnan().any()
+    if t.numel() and bool(bad):
+        raise RuntimeError(f"{name} must be >= 0 and not NaN for every sample" if non_negative
+                           else f"{name} must not be NaN for any sample")
+
+
+def _check_writable(x_adv):
+    if torch.is_grad_enabled() and x_adv.requires_grad and x_adv.is_leaf:
+        raise RuntimeError("x_adv is a leaf tensor that requires grad and cannot be updated in place; update it "
+                           "under torch.no_grad() or pass x_adv.detach()")
+
+
+def _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t):
+    _check_image(x, "x")
+    _check_like(x_adv, "x_adv", x, "x")
+    _check_like(grad, "grad", x, "x")
+    _check_budget(alpha, alpha_t, "alpha", False, x)
+    _check_budget(eps, eps_t, "eps", True, x)
+    _check_bounds(clip_min, clip_max)
+
+
+def _check_project(x_adv, x, eps, clip_min, clip_max, eps_t):
+    _check_image(x, "x")
+    _check_like(x_adv, "x_adv", x, "x")
+    _check_budget(eps, eps_t, "eps", True, x)
+    _check_bounds(clip_min, clip_max)
+
+
+# ---- the math (csrc/linf_math.h) ------------------------------------------------------------------
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the math runs in: float64 for float64, float32 for everything else."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _budget(value, per_sample, x):
+    """A float, or the per-sample tensor in the compute dtype shaped to broadcast over x's dim 0."""
+    if per_sample is None:
+        return value
+    return per_sample.to(compute_dtype(x.dtype)).reshape((-1,) + (1,) * (x.dim() - 1))
+
+
+def sign_or_zero(g: torch.Tensor) -> torch.Tensor:
+    """torch.sign, except NaN -> 0 (a NaN gradient moves nothing)."""
+    return (g > 0).to(g.dtype) - (g < 0).to(g.dtype)
+
+
+def _project(v, x, eps, lo, hi):
+    return torch.clamp(x + torch.clamp(v - x, -eps, eps), lo, hi)
+
+
+def _step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t):
+    ct = compute_dtype(x.dtype)
+    xa, g, xx = x_adv.to(ct), grad.to(ct), x.to(ct)
+    a, e = _budget(alpha, alpha_t, x), _budget(eps, eps_t, x)
+    return _project(xa + a * sign_or_zero(g), xx, e, clip_min, clip_max).to(x.dtype)
+
+
+def linf_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
+    _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t)
+    out = torch.empty_like(x_adv)
+    out.copy_(_step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t))
+    return out
+
+
+def linf_step_(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
+    _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t)
+    _check_writable(x_adv)
+    x_adv.copy_(_step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t))
+
+
+def _project_math(x_adv, x, eps, clip_min, clip_max, eps_t):
+    ct = compute_dtype(x.dtype)
+    return _project(x_adv.to(ct), x.to(ct), _budget(eps, eps_t, x), clip_min, clip_max).to(x.dtype)
+
+
+def linf_project(x_adv, x, eps, clip_min, clip_max, eps_t=None):
+    _check_project(x_adv, x, eps, clip_min, clip_max, eps_t)
+    out = torch.empty_like(x_adv)
+    out.copy_(_project_math(x_adv, x, eps, clip_min, clip_max, eps_t))
+    return out
+
+
+def linf_project_(x_adv, x, eps, clip_min, clip_max, eps_t=None):
+    _check_project(x_adv, x, eps, clip_min, clip_max, eps_t)
+    _check_writable(x_adv)
+    x_adv.copy_(_project_math(x_adv, x, eps, clip_min, clip_max, eps_t))
+
+
+def fgsm(x, grad, eps, clip_min, clip_max, eps_t=None):
+    _check_image(x, "x")
+    _check_like(grad, "grad", x, "x")
+    _check_budget(eps, eps_t, "eps", True, x)
+    _check_bounds(clip_min, clip_max)
+    ct = compute_dtype(x.dtype)
+    e = _budget(eps, eps_t, x)
+    out = torch.empty_like(x)
+    out.copy_(torch.clamp(x.to(ct) + e * sign_or_zero(grad.to(ct)), clip_min, clip_max))
+    return out
+
+
+# ---- Philox4x32-10 in int64 tensor arithmetic (csrc/linf_math.h, philox4x32_10) ---------------------
+
+_M0, _M1 = 0xD2511F53, 0xCD9E8D57
+_W0, _W1 = 0x9E3779B9, 0xBB67AE85
+_MASK32 = 0xFFFFFFFF
+
+
+def _mulhilo(m: int, c: torch.Tensor):
+    """(hi, lo) 32-bit halves of m * c for 32-bit m and c, without overflowing int64."""
+    a = m * (c & 0xFFFF)           # < 2**48
+    b = m * (c >> 16)              # < 2**48
+    hi = (b + (a >> 16)) >> 16
+    lo = (((b & 0xFFFF) << 16) + a) & _MASK32
+    return hi, lo
+
+
+def philox4x32_10(counter: torch.Tensor, seed: int) -> torch.Tensor:
+    """Philox4x32-10 of 64-bit counters (int64 tensor, upper words 0) under a 64-bit key: [..., 4] words."""
+    k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
+    c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
+    c2 = torch.zeros_like(counter)
+    c3 = torch.zeros_like(counter)
+    for _ in range(10):
+        hi0, lo0 = _mulhilo(_M0, c0)
+        hi1, lo1 = _mulhilo(_M1, c2)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
+        k0, k1 = (k0 + _W0) & _MASK32, (k1 + _W1) & _MASK32
+    return torch.stack((c0, c1, c2, c3), dim=-1)
+
+
+def philox_words(n: int, seed: int, device) -> torch.Tensor:
+    """The 32-bit word (as int64) element i of a flat tensor draws: word (i/16)%4 of counter (i/64)*16 + i%16."""
+    blocks = (n + 63) // 64
+    counters = torch.arange(blocks * 16, dtype=torch.int64, device=device)
+    w = philox4x32_10(counters, seed).reshape(blocks, 16, 4).permute(0, 2, 1)
+    return w.reshape(-1)[:n]
+
+
+def unit_symmetric(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """32-bit words to uniform values in [-1, 1): 24 bits for float32, 32 bits for float64 (exact)."""
+    if dtype == torch.float64:
+        return (r - 2**31).to(torch.float64) * 2.0**-31
+    return ((r >> 8) - 2**23).to(torch.float32) * 2.0**-23
+
+
+def linf_random_init(x, eps, clip_min, clip_max, seed, eps_t=None):
+    _check_image(x, "x")
+    _check_budget(eps, eps_t, "eps", True, x)
+    _check_bounds(clip_min, clip_max)
+    if not (isinstance(seed, torch.Tensor) and seed.dim() == 0 and seed.dtype == torch.int64):
+        raise RuntimeError("seed must be a 0-d int64 tensor")
+    ct = compute_dtype(x.dtype)
+    out = torch.empty_like(x)
+    if x.numel() == 0:
+        return out
+    u = unit_symmetric(philox_words(x.numel(), int(seed) & (2**64 - 1), x.device), ct).reshape(x.shape)
+    out.copy_(torch.clamp(x.to(ct) + _budget(eps, eps_t, x) * u, clip_min, clip_max))
+    return out
