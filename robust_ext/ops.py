@@ -148,7 +148,7 @@ def _seed(x, generator):
     device = generator.device if generator is not None else x.device
     if device.type != "cpu" and device != x.device:
         raise ValueError(f"generator must be a CPU generator or on x's device ({x.device}), got {device}")
-    return torch.empty((), dtype=torch.int64, device=device).random_(generator=generator)
+    return torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=device, generator=generator)
 
 
 def linf_random_init(x, eps, clip_min=0.0, clip_max=1.0, generator=None):
@@ -171,30 +171,32 @@ def _register_fakes():
 
     @torch.library.register_fake(lib + "linf_step")
     def _(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
-        reference._check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, None)
+        reference._check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=False)
         return torch.empty_like(x_adv)
 
     @torch.library.register_fake(lib + "linf_step_")
     def _(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
-        reference._check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, None)
+        reference._check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=False)
 
     @torch.library.register_fake(lib + "linf_project")
     def _(x_adv, x, eps, clip_min, clip_max, eps_t=None):
-        reference._check_project(x_adv, x, eps, clip_min, clip_max, None)
+        reference._check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=False)
         return torch.empty_like(x_adv)
 
     @torch.library.register_fake(lib + "linf_project_")
     def _(x_adv, x, eps, clip_min, clip_max, eps_t=None):
-        reference._check_project(x_adv, x, eps, clip_min, clip_max, None)
+        reference._check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=False)
 
     @torch.library.register_fake(lib + "fgsm")
     def _(x, grad, eps, clip_min, clip_max, eps_t=None):
         reference._check_like(grad, "grad", x, "x")
+        reference._check_budget(eps, eps_t, "eps", True, x, values=False)
         return torch.empty_like(x)
 
     @torch.library.register_fake(lib + "linf_random_init")
     def _(x, eps, clip_min, clip_max, seed, eps_t=None):
         reference._check_image(x, "x")
+        reference._check_budget(eps, eps_t, "eps", True, x, values=False)
         return torch.empty_like(x)
 
 

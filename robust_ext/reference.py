@@ -40,7 +40,7 @@ def _check_bounds(clip_min, clip_max):
         raise RuntimeError(f"clip_min must be <= clip_max, got clip_min={clip_min} and clip_max={clip_max}")
 
 
-def _check_budget(value, per_sample, name, non_negative, x):
+def _check_budget(value, per_sample, name, non_negative, x, values=True):
     if per_sample is None:
         if math.isnan(value):
             raise RuntimeError(f"{name} must not be NaN")
@@ -57,8 +57,10 @@ def _check_budget(value, per_sample, name, non_negative, x):
                            f"got shape {list(t.shape)}")
     if t.device != x.device:
         raise RuntimeError(f"{name} must be on the same device as x ({x.device}), got {t.device}")
+    if not values or not t.numel():  # fake tensors have no values to check
+        return
     bad = ((t < 0) | t.isnan()).any() if non_negative else t.isnan().any()
-    if t.numel() and bool(bad):
+    if bool(bad):
         raise RuntimeError(f"{name} must be >= 0 and not NaN for every sample" if non_negative
                            else f"{name} must not be NaN for any sample")
 
@@ -69,19 +71,19 @@ def _check_writable(x_adv):
                            "under torch.no_grad() or pass x_adv.detach()")
 
 
-def _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t):
+def _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=True):
     _check_image(x, "x")
     _check_like(x_adv, "x_adv", x, "x")
     _check_like(grad, "grad", x, "x")
-    _check_budget(alpha, alpha_t, "alpha", False, x)
-    _check_budget(eps, eps_t, "eps", True, x)
+    _check_budget(alpha, alpha_t, "alpha", False, x, values)
+    _check_budget(eps, eps_t, "eps", True, x, values)
     _check_bounds(clip_min, clip_max)
 
 
-def _check_project(x_adv, x, eps, clip_min, clip_max, eps_t):
+def _check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=True):
     _check_image(x, "x")
     _check_like(x_adv, "x_adv", x, "x")
-    _check_budget(eps, eps_t, "eps", True, x)
+    _check_budget(eps, eps_t, "eps", True, x, values)
     _check_bounds(clip_min, clip_max)
 
 

@@ -1,0 +1,376 @@
+"""Benchmark robust_ext's fused ops against their eager, in-place, compiled and roofline baselines.
+
+    python benchmarks/bench_ops.py                      # full run: 4 shapes x fp32/bf16 x 1 and all threads
+    python benchmarks/bench_ops.py --quick --no-compile # smoke test, a few seconds
+    python benchmarks/bench_ops.py --device cuda        # GPU (torch.utils.benchmark synchronizes)
+
+Every figure is the median of ``torch.utils.benchmark.Timer.blocked_autorange`` and sits beside its
+baselines from the same run. Baselines for the PGD L-inf step (``linf_step_``):
+
+* torchattacks-style eager: ``adv = x_adv + alpha*grad.sign(); delta = clamp(adv - x, -eps, eps);
+  adv = clamp(x + delta, 0, 1)`` (allocates a tensor per operation).
+* best in-place eager: several in-place / ``out=`` formulations (buffers allocated outside the timed
+  region); the fastest is kept and named. Candidates that hoist the per-attack bounds
+  ``max(x-eps, 0)``, ``min(x+eps, 1)`` out of the step are marked: a PGD loop computes them once.
+* ``torch.compile`` of the torchattacks formula, functional and writing into ``x_adv``; the faster is
+  kept. Warm time; the first (cold) compile in the process and each configuration's compile are recorded.
+* roofline: ``x_adv.addcmul_(grad, x, value=...)`` reads 3 tensors and writes 1, the step's traffic.
+
+ns/element and GB/s use the op's minimal traffic (step: 3 reads + 1 write; project and fgsm: 2 + 1;
+random init: 1 + 1) for every implementation of that op, so GB/s compares implementations of one op.
+Benchmarks are not tests: a MISS is reported, never raised.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.utils.benchmark as tb
+
+import robust_ext
+from robust_ext import ops
+
+ALPHA, EPS = 2 / 255, 8 / 255
+ROOFLINE_VALUE = 1e-7  # addcmul_ scale: x_adv moves by < 1e-7 per call, so it never drifts
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16, "fp64": torch.float64}
+DEFAULT_SHAPES = "128x1x28x28,128x3x32x32,256x3x64x64,32x3x224x224"
+QUICK_SHAPE = "128x1x28x28"
+
+# (ratio name, numerator, denominator, comparison, target): the claims the fused ops are held to.
+TARGETS = [
+    ("fused/roofline", "step.fused_", "step.roofline", "<=", 1.3),
+    ("torchattacks/fused", "step.torchattacks", "step.fused_", ">=", 5.0),
+    ("best_inplace_eager/fused", "step.best_inplace", "step.fused_", ">=", 2.0),
+    ("compiled/fused", "step.compiled", "step.fused_", ">=", 1.5),
+    ("torchattacks_init/fused_init", "init.torchattacks", "init.fused", ">=", 5.0),
+]
+# Informational ratios, no target.
+INFO_RATIOS = [
+    ("torchattacks/fused_functional", "step.torchattacks", "step.fused"),
+    ("best_per_call_inplace_eager/fused", "step.best_per_call_inplace", "step.fused_"),
+    ("project_eager_inplace/fused_", "project.eager_inplace", "project.fused_"),
+    ("project_eager/fused_", "project.eager", "project.fused_"),
+    ("fgsm_eager/fused", "fgsm.eager", "fgsm.fused"),
+    ("init_eager_inplace/fused_init", "init.eager_inplace", "init.fused"),
+]
+STREAMS = {"step": 4, "project": 3, "fgsm": 3, "init": 2}  # tensors read + written per element
+
+
+def _ta_step(x_adv, grad, x, alpha: float, eps: float):
+    adv = x_adv + alpha * grad.sign()
+    delta = torch.clamp(adv - x, min=-eps, max=eps)
+    return torch.clamp(x + delta, min=0, max=1)
+
+
+def _ta_step_into(x_adv, grad, x, alpha: float, eps: float):
+    x_adv.copy_(_ta_step(x_adv, grad, x, alpha, eps))
+
+
+# In-place eager step candidates: (name, statement, hoists the bounds out of the step).
+# `buf` is a preallocated scratch tensor; `g1` a private grad copy that may be overwritten (PGD
+# discards the gradient after the step); `lo`, `hi` = max(x-eps, 0), min(x+eps, 1), built once.
+INPLACE_STEP = [
+    ("ta_order_signbuf",
+     "torch.sign(g, out=buf)\nxa.add_(buf, alpha=alpha).sub_(x).clamp_(-eps, eps).add_(x).clamp_(0, 1)", False),
+    ("ta_order_sign_grad_inplace",
+     "xa.add_(g1.sign_(), alpha=alpha).sub_(x).clamp_(-eps, eps).add_(x).clamp_(0, 1)", False),
+    ("bounds_per_call",
+     "torch.sign(g, out=buf)\nxa.add_(buf, alpha=alpha)\n"
+     "torch.sub(x, eps, out=lo1).clamp_(min=0)\ntorch.add(x, eps, out=hi1).clamp_(max=1)\nxa.clamp_(lo1, hi1)",
+     False),
+    ("hoisted_bounds_signbuf", "torch.sign(g, out=buf)\nxa.add_(buf, alpha=alpha).clamp_(lo, hi)", True),
+    ("hoisted_bounds_sign_grad_inplace", "xa.add_(g1.sign_(), alpha=alpha).clamp_(lo, hi)", True),
+]
+
+
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true",
+                   help=f"one small shape ({QUICK_SHAPE}) and min_run_time 0.05 s: a smoke test")
+    p.add_argument("--shapes", default=None, help=f"comma-separated NxCxHxW (default {DEFAULT_SHAPES})")
+    p.add_argument("--dtypes", default="fp32,bf16", help=f"comma-separated, of {','.join(DTYPES)}")
+    p.add_argument("--threads", default="1,all", help="comma-separated thread counts; 'all' = os.cpu_count()")
+    p.add_argument("--device", default="cpu", help="cpu or cuda (thread counts are ignored on cuda)")
+    p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to warm up)")
+    p.add_argument("--min-run-time", type=float, default=None,
+                   help="seconds per blocked_autorange measurement (default 0.2; 0.05 with --quick)")
+    p.add_argument("--out", default="benchmarks/results/bench_ops.json", help="JSON output path")
+    return p.parse_args(argv)
+
+
+def parse_shape(s):
+    try:
+        shape = tuple(int(d) for d in s.lower().split("x"))
+    except ValueError:
+        raise SystemExit(f"--shapes: cannot read {s!r}, expected e.g. 128x3x32x32") from None
+    if not shape or min(shape) < 1:
+        raise SystemExit(f"--shapes: {s!r} must be positive dimensions")
+    return shape
+
+
+def parse_threads(s, device):
+    if device.type != "cpu":
+        return [torch.get_num_threads()]
+    out = []
+    for t in s.split(","):
+        n = os.cpu_count() if t.strip() == "all" else int(t)
+        if n < 1:
+            raise SystemExit(f"--threads: {t!r} must be >= 1 or 'all'")
+        if n not in out:
+            out.append(n)
+    return out
+
+
+def cpu_model():
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+def measure(stmt, env, threads, min_run_time, warmup=2):
+    """Median seconds of `stmt` at `threads` threads (warm-up outside the measurement)."""
+    for _ in range(warmup):
+        exec(stmt, env)
+    m = tb.Timer(stmt=stmt, globals=env, num_threads=threads).blocked_autorange(min_run_time=min_run_time)
+    return {"median_s": m.median, "iqr_s": m.iqr, "runs": len(m.times), "calls_per_run": m.number_per_run}
+
+
+def make_inputs(shape, dtype, device, gen):
+    x = torch.rand(shape, generator=gen, device="cpu").to(device=device, dtype=dtype)
+    noise = 0.01 * torch.randn(shape, generator=gen, device="cpu").to(device=device, dtype=dtype)
+    x_adv = (x + noise).clamp_(0, 1)
+    grad = torch.randn(shape, generator=gen, device="cpu").to(device=device, dtype=dtype)
+    return x, x_adv, grad
+
+
+class Compiled:
+    """torch.compile'd torchattacks step, functional and into x_adv; tracks compile seconds."""
+
+    def __init__(self):
+        torch._dynamo.config.recompile_limit = 1024
+        torch._dynamo.config.accumulated_recompile_limit = 1 << 16
+        self.fns = {"functional": torch.compile(_ta_step, dynamic=False),
+                    "into_x_adv": torch.compile(_ta_step_into, dynamic=False)}
+        self.cold_compile_s = None
+
+    def first_call(self, name, args, device):
+        """Compile (first call, timed) for the current shape/dtype/thread count."""
+        t0 = time.perf_counter()
+        self.fns[name](*args)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        dt = time.perf_counter() - t0
+        if self.cold_compile_s is None:
+            self.cold_compile_s = dt
+        return dt
+
+
+def bench_config(shape, dtype, threads, device, min_run_time, compiled, gen):
+    torch.set_num_threads(threads)
+    x, x_adv, grad = make_inputs(shape, dtype, device, gen)
+    n = x.numel()
+    lo = (x - EPS).clamp_(min=0)
+    hi = (x + EPS).clamp_(max=1)
+    env = {"torch": torch, "ops": ops, "x": x, "g": grad, "alpha": ALPHA, "eps": EPS, "v": ROOFLINE_VALUE,
+           "lo": lo, "hi": hi, "ta_step": _ta_step}
+    t = {}  # "op.impl" -> measurement
+
+    def run(key, stmt, **fresh):
+        """Time `stmt` with private copies of the tensors it mutates (given as name=tensor)."""
+        local = dict(env, **{k: v.clone() for k, v in fresh.items()})
+        t[key] = measure(stmt, local, threads, min_run_time)
+        return t[key]
+
+    # the step
+    run("step.fused_", "ops.linf_step_(xa, g, x, alpha, eps)", xa=x_adv)
+    run("step.fused", "ops.linf_step(xa, g, x, alpha, eps)", xa=x_adv)
+    run("step.roofline", "xa.addcmul_(g, x, value=v)", xa=x_adv)
+    run("step.torchattacks", "ta_step(xa, g, x, alpha, eps)", xa=x_adv)
+    candidates = {}
+    for name, stmt, hoisted in INPLACE_STEP:
+        m = run(f"step.inplace.{name}", stmt, xa=x_adv, g1=grad, buf=grad, lo1=x, hi1=x)
+        m["hoists_bounds"] = hoisted
+        candidates[name] = m
+    best = min(candidates, key=lambda k: candidates[k]["median_s"])
+    best_pc = min((k for k in candidates if not candidates[k]["hoists_bounds"]),
+                  key=lambda k: candidates[k]["median_s"])
+    t["step.best_inplace"] = dict(candidates[best], variant=best)
+    t["step.best_per_call_inplace"] = dict(candidates[best_pc], variant=best_pc)
+    compile_s = {}
+    if compiled is not None:
+        timed = {}
+        for name, fn in compiled.fns.items():
+            xa = x_adv.clone()
+            compile_s[name] = compiled.first_call(name, (xa, grad, x, ALPHA, EPS), device)
+            timed[name] = measure("cf(xa, g, x, alpha, eps)", dict(env, cf=fn, xa=xa), threads, min_run_time)
+            t[f"step.compiled.{name}"] = timed[name]
+        kept = min(timed, key=lambda k: timed[k]["median_s"])
+        t["step.compiled"] = dict(timed[kept], variant=kept)
+
+    # projection, FGSM, random init
+    run("project.fused_", "ops.linf_project_(xa, x, eps)", xa=x_adv)
+    run("project.eager_inplace", "xa.sub_(x).clamp_(-eps, eps).add_(x).clamp_(0, 1)", xa=x_adv)
+    run("project.eager", "torch.clamp(x + torch.clamp(xa - x, -eps, eps), 0, 1)", xa=x_adv)
+    run("fgsm.fused", "ops.fgsm(x, g, eps)")
+    run("fgsm.eager", "torch.clamp(x + eps * g.sign(), 0, 1)")
+    run("init.fused", "ops.linf_random_init(x, eps)")
+    run("init.torchattacks", "torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), min=0, max=1)")
+    run("init.eager_inplace", "buf.uniform_(-eps, eps).add_(x).clamp_(0, 1)", buf=x)
+
+    esize = x.element_size()
+    for key, m in t.items():
+        nbytes = STREAMS[key.split(".")[0]] * esize * n
+        m["ns_per_elem"] = m["median_s"] * 1e9 / n
+        m["gb_per_s"] = nbytes / m["median_s"] / 1e9
+
+    ratios = {}
+    for name, num, den, cmp, target in TARGETS:
+        if num in t and den in t:
+            r = t[num]["median_s"] / t[den]["median_s"]
+            ok = r <= target if cmp == "<=" else r >= target
+            ratios[name] = {"value": r, "target": f"{cmp} {target}", "status": "PASS" if ok else "MISS"}
+    for name, num, den in INFO_RATIOS:
+        ratios[name] = {"value": t[num]["median_s"] / t[den]["median_s"], "target": None, "status": "INFO"}
+
+    return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "threads": threads,
+            "device": str(device), "numel": n, "element_size": esize,
+            "step_bytes": STREAMS["step"] * esize * n, "compile_s": compile_s or None,
+            "timings": t, "ratios": ratios}
+
+
+def call_overhead(device, min_run_time):
+    """Fixed per-call cost from Python: each op on a 1-element tensor, beside ATen's addcmul_."""
+    torch.set_num_threads(1)
+    x = torch.full((1,), 0.5, device=device)
+    env = {"torch": torch, "ops": ops, "x": x, "xa": x.clone(), "g": torch.ones_like(x), "alpha": ALPHA,
+           "eps": EPS, "v": ROOFLINE_VALUE, "rx": getattr(torch.ops, "robust_ext", None)}
+    stmts = {
+        "ops.linf_step_ (public wrapper)": "ops.linf_step_(xa, g, x, alpha, eps)",
+        "torch.ops.robust_ext.linf_step_.default (dispatcher only)":
+            "rx.linf_step_.default(xa, g, x, alpha, eps, 0.0, 1.0, None, None)",
+        "Tensor.addcmul_ (ATen in-place, Python binding)": "xa.addcmul_(g, x, value=v)",
+        "torch.ops.aten.addcmul_.default (ATen via dispatcher)": "torch.ops.aten.addcmul_.default(xa, g, x, value=v)",
+        "ops.linf_step (functional)": "ops.linf_step(xa, g, x, alpha, eps)",
+        "torch.add (functional, ATen)": "torch.add(xa, g)",
+        "ops.linf_random_init (incl. seed draw)": "ops.linf_random_init(x, eps)",
+    }
+    if ops.backend()[device.type if device.type in ("cpu", "cuda") else "cpu"] != "extension":
+        del stmts["torch.ops.robust_ext.linf_step_.default (dispatcher only)"]
+    out = {k: measure(s, env, 1, min_run_time)["median_s"] * 1e6 for k, s in stmts.items()}
+    torch.set_num_threads(os.cpu_count())
+    return {"unit": "us per call, 1-element float32 tensor, 1 thread", "calls": out}
+
+
+def fmt_row(cols, widths):
+    return "  ".join(str(c).rjust(w) if i else str(c).ljust(w) for i, (c, w) in enumerate(zip(cols, widths)))
+
+
+def print_config(r):
+    shape = "x".join(map(str, r["shape"]))
+    print(f"\n== {shape} {r['dtype']} threads={r['threads']} {r['device']}: {r['numel']:,} elements, "
+          f"step moves {r['step_bytes'] / 1e6:.2f} MB ==")
+    w = (46, 10, 8, 8)
+    print(fmt_row(("impl", "us", "ns/el", "GB/s"), w))
+    for key, m in r["timings"].items():
+        label = key + (f" [{m['variant']}]" if "variant" in m else "") + (" *hoisted" if m.get("hoists_bounds") else "")
+        print(fmt_row((label, f"{m['median_s'] * 1e6:.1f}", f"{m['ns_per_elem']:.3f}", f"{m['gb_per_s']:.1f}"), w))
+    if r["compile_s"]:
+        print("compile s (first call for this config): "
+              + ", ".join(f"{k} {v:.2f}" for k, v in r["compile_s"].items()))
+    for name, q in r["ratios"].items():
+        tgt = f" (target {q['target']}) {q['status']}" if q["target"] else ""
+        print(f"  {name:38s} {q['value']:7.2f}{tgt}")
+
+
+def print_summary(results):
+    names = [n for n, *_ in TARGETS]
+    w = [24, 5, 7] + [max(len(n), 12) for n in names]
+    print("\n== summary: targeted ratios (PASS/MISS) ==")
+    print(fmt_row(["shape", "dtype", "threads"] + names, w))
+    for r in results:
+        cells = [f"{r['ratios'][n]['value']:.2f} {r['ratios'][n]['status']}" if n in r["ratios"] else "-"
+                 for n in names]
+        print(fmt_row(["x".join(map(str, r["shape"])), r["dtype"], r["threads"]] + cells, w))
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    device = torch.device(args.device)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("--device cuda: torch.cuda.is_available() is False")
+    shapes = [parse_shape(s) for s in (args.shapes or (QUICK_SHAPE if args.quick else DEFAULT_SHAPES)).split(",")]
+    try:
+        dtypes = [DTYPES[d.strip()] for d in args.dtypes.split(",")]
+    except KeyError as e:
+        raise SystemExit(f"--dtypes: unknown {e}, expected some of {','.join(DTYPES)}") from None
+    threads = parse_threads(args.threads, device)
+    min_run_time = args.min_run_time or (0.05 if args.quick else 0.2)
+
+    backend = robust_ext.backend()
+    if backend.get(device.type) != "extension":
+        print(f"warning: robust_ext ops on {device.type} run the pure-PyTorch reference ({backend['reason']}): "
+              "the 'fused' rows are not the extension", file=sys.stderr)
+    meta = {
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "argv": sys.argv[1:] if argv is None else list(argv),
+        "torch": torch.__version__, "robust_ext": robust_ext.__version__, "python": platform.python_version(),
+        "build_info": robust_ext.build_info(), "backend": backend,
+        "device": str(device), "cpu_model": cpu_model(), "cpu_count": os.cpu_count(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
+        "threads": threads, "dtypes": [str(d).replace("torch.", "") for d in dtypes],
+        "shapes": [list(s) for s in shapes], "min_run_time_s": min_run_time,
+        "alpha": ALPHA, "eps": EPS, "loadavg_start": os.getloadavg(),
+        "bytes_per_element_moved": {k: f"{v} x element_size" for k, v in STREAMS.items()},
+    }
+    print(f"torch {meta['torch']} | {meta['build_info']} | {meta['cpu_model']} ({meta['cpu_count']} cpus) | "
+          f"threads {threads} | min_run_time {min_run_time}s | load {meta['loadavg_start'][0]:.2f}")
+
+    t_start = time.perf_counter()
+    overhead = call_overhead(device, min_run_time)
+    print("\n== fixed per-call overhead (" + overhead["unit"] + ") ==")
+    for k, us in overhead["calls"].items():
+        print(f"  {k:58s} {us:7.2f} us")
+
+    compiled = None if args.no_compile else Compiled()
+    gen = torch.Generator().manual_seed(0)
+    results = []
+    for shape in shapes:
+        for dtype in dtypes:
+            for n in threads:
+                r = bench_config(shape, dtype, n, device, min_run_time, compiled, gen)
+                print_config(r)
+                results.append(r)
+    torch.set_num_threads(os.cpu_count())
+    print_summary(results)
+
+    targeted = [q for r in results for q in r["ratios"].values() if q["target"]]
+    meta.update(loadavg_end=os.getloadavg(), wall_s=time.perf_counter() - t_start,
+                cold_compile_s=compiled.cold_compile_s if compiled else None)
+    doc = {"meta": meta, "call_overhead": overhead, "results": results,
+           "summary": {"targets": [{"ratio": n, "num": a, "den": b, "target": f"{c} {v}"} for n, a, b, c, v in TARGETS],
+                       "pass": sum(q["status"] == "PASS" for q in targeted),
+                       "miss": sum(q["status"] == "MISS" for q in targeted)}}
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(doc, indent=1))
+    cold = f"cold compile {meta['cold_compile_s']:.1f} s; " if compiled else ""
+    print(f"\n{doc['summary']['pass']} PASS, {doc['summary']['miss']} MISS; {cold}wall {meta['wall_s']:.0f} s; "
+          f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
