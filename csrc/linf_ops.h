@@ -45,9 +45,12 @@ inline bool same_dense_layout(const at::Tensor& ref, std::initializer_list<at::T
   return true;
 }
 
-inline Dense dense_of(const at::Tensor& t) {
+// With scalar budgets the whole tensor is one run (kernels then never split at sample boundaries).
+inline Dense dense_of(const at::Tensor& t, std::initializer_list<const Budget*> budgets) {
   const int64_t n = t.numel();
-  const int64_t inner = (t.dim() == 0 || t.size(0) == 0) ? n : n / t.size(0);
+  bool per_sample = false;
+  for (const Budget* b : budgets) per_sample = per_sample || b->per_sample.defined();
+  const int64_t inner = (!per_sample || t.dim() == 0 || t.size(0) == 0) ? n : n / t.size(0);
   return Dense{n, inner};
 }
 
@@ -75,7 +78,7 @@ struct LinfOps {
                         const OptTensor& eps_t) {
     const Budget a = make_budget(alpha, alpha_t, x), e = make_budget(eps, eps_t, x);
     run_dense(out, [&](const Tensor& o, const Tensor& xa, const Tensor& g, const Tensor& xx) {
-      K::step(o, xa, g, xx, a, e, lo, hi, dense_of(o));
+      K::step(o, xa, g, xx, a, e, lo, hi, dense_of(o, {&a, &e}));
     }, x_adv, grad, x);
   }
 
@@ -116,7 +119,7 @@ struct LinfOps {
                            double hi, const OptTensor& eps_t) {
     const Budget e = make_budget(eps, eps_t, x);
     run_dense(out, [&](const Tensor& o, const Tensor& xa, const Tensor& xx) {
-      K::project(o, xa, xx, e, lo, hi, dense_of(o));
+      K::project(o, xa, xx, e, lo, hi, dense_of(o, {&e}));
     }, x_adv, x);
   }
 
@@ -144,7 +147,7 @@ struct LinfOps {
     const Budget e = make_budget(eps, eps_t, x);
     Tensor out = at::empty_like(x);
     run_dense(out, [&](const Tensor& o, const Tensor& xx, const Tensor& g) {
-      K::fgsm(o, xx, g, e, lo, hi, dense_of(o));
+      K::fgsm(o, xx, g, e, lo, hi, dense_of(o, {&e}));
     }, x, grad);
     return out;
   }
@@ -165,7 +168,7 @@ struct LinfOps {
     if (x.numel() == 0) return out;
     const Tensor xc = x.contiguous();
     const Tensor oc = out.is_contiguous() ? out : at::empty(x.sizes(), x.options());
-    K::random_init(oc, xc, e, lo, hi, seed, dense_of(oc));
+    K::random_init(oc, xc, e, lo, hi, seed, dense_of(oc, {&e}));
     if (!oc.is_same(out)) out.copy_(oc);
     return out;
   }

@@ -24,26 +24,37 @@ namespace {
 template <typename S>
 using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
-// The row loops: one sample's contiguous run (or part of it) with scalar budgets. __restrict is a
-// promise the callers keep: `out` may be `xa` itself (in place) but then the loop reads xa[i] before
-// writing out[i] at the same index only, which the compiler's vectorization preserves.
+// The row loops: one sample's contiguous run (or part of it) with scalar budgets. In-place calls
+// (out == x_adv) take their own loop: with a possible alias GCC only versions the loop and then runs the
+// scalar version. Inputs may equal `out` exactly (never partly overlap it: checks.h), which keeps
+// every element's reads before its write in vector code too.
 template <typename S>
-RX_CLONES void step_row(S* out, const S* xa, const S* __restrict g, const S* __restrict x, int64_t n,
-                        compute_t<S> alpha, compute_t<S> eps, compute_t<S> lo, compute_t<S> hi) {
+RX_CLONES void step_row(S* __restrict out, const S* xa, const S* __restrict g, const S* __restrict x,
+                        int64_t n, compute_t<S> alpha, compute_t<S> eps, compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
-#pragma GCC ivdep
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = static_cast<S>(math::linf_step<T>(static_cast<T>(xa[i]), static_cast<T>(g[i]),
-                                               static_cast<T>(x[i]), alpha, eps, lo, hi));
+  auto f = [&](S v, int64_t i) {
+    return static_cast<S>(math::linf_step<T>(static_cast<T>(v), static_cast<T>(g[i]), static_cast<T>(x[i]),
+                                             alpha, eps, lo, hi));
+  };
+  if (xa == out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = f(out[i], i);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = f(xa[i], i);
+  }
 }
 
 template <typename S>
-RX_CLONES void project_row(S* out, const S* xa, const S* __restrict x, int64_t n, compute_t<S> eps,
+RX_CLONES void project_row(S* __restrict out, const S* xa, const S* __restrict x, int64_t n, compute_t<S> eps,
                            compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
-#pragma GCC ivdep
-  for (int64_t i = 0; i < n; ++i)
-    out[i] = static_cast<S>(math::linf_project<T>(static_cast<T>(xa[i]), static_cast<T>(x[i]), eps, lo, hi));
+  auto f = [&](S v, int64_t i) {
+    return static_cast<S>(math::linf_project<T>(static_cast<T>(v), static_cast<T>(x[i]), eps, lo, hi));
+  };
+  if (xa == out) {
+    for (int64_t i = 0; i < n; ++i) out[i] = f(out[i], i);
+  } else {
+    for (int64_t i = 0; i < n; ++i) out[i] = f(xa[i], i);
+  }
 }
 
 template <typename S>

@@ -1,6 +1,9 @@
 // CUDA kernels: grid-stride loops over dense memory, 16-byte vector loads and stores when every
 // pointer allows them, 64-bit indices, the current stream and device. The math is linf_math.h's.
 #include <algorithm>
+#include <array>
+#include <cstdint>
+#include <type_traits>
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -37,13 +40,12 @@ DeviceBudget<T> device_budget(const Budget& b) {
   return {b.per_sample.defined() ? b.per_sample.data_ptr<T>() : nullptr, static_cast<T>(b.value)};
 }
 
-int grid_for(int64_t work) {
-  static int sms[64] = {0};
-  int dev = 0;
-  C10_CUDA_CHECK(cudaGetDevice(&dev));
-  if (dev < 64 && sms[dev] == 0)
-    C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms[dev], cudaDevAttrMultiProcessorCount, dev));
-  const int64_t cap = static_cast<int64_t>(dev < 64 ? sms[dev] : 80) * 8;
+// Enough blocks for `work` threads, capped at 8 blocks (2048 threads) per SM: the loops stride over the
+// rest. cudaDeviceGetAttribute is a cheap lookup, so there is no cache to share between host threads.
+int grid_for(int64_t work, c10::DeviceIndex device) {
+  int sms = 0;
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device));
+  const int64_t cap = static_cast<int64_t>(sms) * 8;
   return static_cast<int>(std::max<int64_t>(1, std::min<int64_t>((work + kThreads - 1) / kThreads, cap)));
 }
 
@@ -100,10 +102,10 @@ void launch(const at::Tensor& out, std::array<const at::Tensor*, K> in, const De
   }
   constexpr int kVec = 16 / sizeof(S);
   if (vec) {
-    elementwise_kernel<S, kVec, K><<<grid_for(d.numel / kVec + 1), kThreads, 0, stream>>>(
+    elementwise_kernel<S, kVec, K><<<grid_for(d.numel / kVec + 1, out.get_device()), kThreads, 0, stream>>>(
         out.data_ptr<S>(), p[0], p[1], p[2], d.numel, d.inner, f);
   } else {
-    elementwise_kernel<S, 1, K><<<grid_for(d.numel), kThreads, 0, stream>>>(
+    elementwise_kernel<S, 1, K><<<grid_for(d.numel, out.get_device()), kThreads, 0, stream>>>(
         out.data_ptr<S>(), p[0], p[1], p[2], d.numel, d.inner, f);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
@@ -181,7 +183,7 @@ struct CudaKernels {
     const int64_t counters = (d.numel + math::kBlock - 1) / math::kBlock * math::kLanes;
     RX_DISPATCH_FLOATS(out.scalar_type(), "linf_random_init", [&] {
       using T = compute_t<scalar_t>;
-      random_init_kernel<scalar_t><<<grid_for(counters), kThreads, 0, stream>>>(
+      random_init_kernel<scalar_t><<<grid_for(counters, out.get_device()), kThreads, 0, stream>>>(
           out.data_ptr<scalar_t>(), x.data_ptr<scalar_t>(), d.numel, d.inner, seed_ptr, seed_value,
           device_budget<T>(eps), static_cast<T>(lo), static_cast<T>(hi));
       C10_CUDA_KERNEL_LAUNCH_CHECK();
