@@ -27,7 +27,9 @@ import datetime
 import json
 import os
 import platform
+import shutil
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -100,6 +102,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", default="1,all", help="comma-separated thread counts; 'all' = os.cpu_count()")
     p.add_argument("--device", default="cpu", help="cpu or cuda (thread counts are ignored on cuda)")
     p.add_argument("--no-compile", action="store_true", help="skip torch.compile (slow to warm up)")
+    p.add_argument("--reuse-compile-cache", action="store_true",
+                   help="use inductor's on-disk cache; by default a fresh one, so compile seconds are cold")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds per blocked_autorange measurement (default 0.2; 0.05 with --quick)")
     p.add_argument("--out", default="benchmarks/results/bench_ops.json", help="JSON output path")
@@ -169,13 +173,13 @@ class Compiled:
     def first_call(self, name, args, device):
         """Compile (first call, timed) for the current shape/dtype/thread count."""
         t0 = time.perf_counter()
-        self.fns[name](*args)
+        out = self.fns[name](*args)
         if device.type == "cuda":
             torch.cuda.synchronize()
         dt = time.perf_counter() - t0
         if self.cold_compile_s is None:
             self.cold_compile_s = dt
-        return dt
+        return dt, out
 
 
 def bench_config(shape, dtype, threads, device, min_run_time, compiled, gen):
@@ -187,21 +191,37 @@ def bench_config(shape, dtype, threads, device, min_run_time, compiled, gen):
     env = {"torch": torch, "ops": ops, "x": x, "g": grad, "alpha": ALPHA, "eps": EPS, "v": ROOFLINE_VALUE,
            "lo": lo, "hi": hi, "ta_step": _ta_step}
     t = {}  # "op.impl" -> measurement
+    step_ref = ops.linf_step(x_adv, grad, x, ALPHA, EPS)
+    project_ref = ops.linf_project(x_adv, x, EPS)
+    fgsm_ref = ops.fgsm(x, grad, EPS)
 
-    def run(key, stmt, **fresh):
-        """Time `stmt` with private copies of the tensors it mutates (given as name=tensor)."""
+    def run(key, stmt, expect=None, **fresh):
+        """Time `stmt` with private copies of the tensors it mutates (given as name=tensor).
+
+        With `expect`, one call on fresh copies first records how far the result (the statement's value,
+        or `xa` after a multi-line statement) is from the fused op's: a baseline must compute the same op.
+        """
+        diff = None
+        if expect is not None:
+            local = dict(env, **{k: v.clone() for k, v in fresh.items()})
+            if "\n" in stmt:
+                exec(stmt, local)
+                got = local["xa"]
+            else:
+                got = eval(stmt, local)
+            diff = (got.double() - expect.double()).abs().max().item()
         local = dict(env, **{k: v.clone() for k, v in fresh.items()})
-        t[key] = measure(stmt, local, threads, min_run_time)
+        t[key] = dict(measure(stmt, local, threads, min_run_time), max_abs_diff_vs_fused=diff)
         return t[key]
 
     # the step
-    run("step.fused_", "ops.linf_step_(xa, g, x, alpha, eps)", xa=x_adv)
-    run("step.fused", "ops.linf_step(xa, g, x, alpha, eps)", xa=x_adv)
+    run("step.fused_", "ops.linf_step_(xa, g, x, alpha, eps)", step_ref, xa=x_adv)
+    run("step.fused", "ops.linf_step(xa, g, x, alpha, eps)", step_ref, xa=x_adv)
     run("step.roofline", "xa.addcmul_(g, x, value=v)", xa=x_adv)
-    run("step.torchattacks", "ta_step(xa, g, x, alpha, eps)", xa=x_adv)
+    run("step.torchattacks", "ta_step(xa, g, x, alpha, eps)", step_ref, xa=x_adv)
     candidates = {}
     for name, stmt, hoisted in INPLACE_STEP:
-        m = run(f"step.inplace.{name}", stmt, xa=x_adv, g1=grad, buf=grad, lo1=x, hi1=x)
+        m = run(f"step.inplace.{name}", stmt, step_ref, xa=x_adv, g1=grad, buf=grad, lo1=x, hi1=x)
         m["hoists_bounds"] = hoisted
         candidates[name] = m
     best = min(candidates, key=lambda k: candidates[k]["median_s"])
@@ -214,18 +234,20 @@ def bench_config(shape, dtype, threads, device, min_run_time, compiled, gen):
         timed = {}
         for name, fn in compiled.fns.items():
             xa = x_adv.clone()
-            compile_s[name] = compiled.first_call(name, (xa, grad, x, ALPHA, EPS), device)
-            timed[name] = measure("cf(xa, g, x, alpha, eps)", dict(env, cf=fn, xa=xa), threads, min_run_time)
+            compile_s[name], out = compiled.first_call(name, (xa, grad, x, ALPHA, EPS), device)
+            diff = ((xa if out is None else out).double() - step_ref.double()).abs().max().item()
+            timed[name] = dict(measure("cf(xa, g, x, alpha, eps)", dict(env, cf=fn, xa=xa), threads, min_run_time),
+                               max_abs_diff_vs_fused=diff)
             t[f"step.compiled.{name}"] = timed[name]
         kept = min(timed, key=lambda k: timed[k]["median_s"])
         t["step.compiled"] = dict(timed[kept], variant=kept)
 
     # projection, FGSM, random init
-    run("project.fused_", "ops.linf_project_(xa, x, eps)", xa=x_adv)
-    run("project.eager_inplace", "xa.sub_(x).clamp_(-eps, eps).add_(x).clamp_(0, 1)", xa=x_adv)
-    run("project.eager", "torch.clamp(x + torch.clamp(xa - x, -eps, eps), 0, 1)", xa=x_adv)
-    run("fgsm.fused", "ops.fgsm(x, g, eps)")
-    run("fgsm.eager", "torch.clamp(x + eps * g.sign(), 0, 1)")
+    run("project.fused_", "ops.linf_project_(xa, x, eps)", project_ref, xa=x_adv)
+    run("project.eager_inplace", "xa.sub_(x).clamp_(-eps, eps).add_(x).clamp_(0, 1)", project_ref, xa=x_adv)
+    run("project.eager", "torch.clamp(x + torch.clamp(xa - x, -eps, eps), 0, 1)", project_ref, xa=x_adv)
+    run("fgsm.fused", "ops.fgsm(x, g, eps)", fgsm_ref)
+    run("fgsm.eager", "torch.clamp(x + eps * g.sign(), 0, 1)", fgsm_ref)
     run("init.fused", "ops.linf_random_init(x, eps)")
     run("init.torchattacks", "torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), min=0, max=1)")
     run("init.eager_inplace", "buf.uniform_(-eps, eps).add_(x).clamp_(0, 1)", buf=x)
@@ -267,7 +289,7 @@ def call_overhead(device, min_run_time):
         "torch.add (functional, ATen)": "torch.add(xa, g)",
         "ops.linf_random_init (incl. seed draw)": "ops.linf_random_init(x, eps)",
     }
-    if ops.backend()[device.type if device.type in ("cpu", "cuda") else "cpu"] != "extension":
+    if ops.backend().get(device.type) != "extension":
         del stmts["torch.ops.robust_ext.linf_step_.default (dispatcher only)"]
     out = {k: measure(s, env, 1, min_run_time)["median_s"] * 1e6 for k, s in stmts.items()}
     torch.set_num_threads(os.cpu_count())
@@ -282,11 +304,13 @@ def print_config(r):
     shape = "x".join(map(str, r["shape"]))
     print(f"\n== {shape} {r['dtype']} threads={r['threads']} {r['device']}: {r['numel']:,} elements, "
           f"step moves {r['step_bytes'] / 1e6:.2f} MB ==")
-    w = (46, 10, 8, 8)
-    print(fmt_row(("impl", "us", "ns/el", "GB/s"), w))
+    w = (64, 10, 8, 8, 9)
+    print(fmt_row(("impl", "us", "ns/el", "GB/s", "max|diff|"), w))
     for key, m in r["timings"].items():
         label = key + (f" [{m['variant']}]" if "variant" in m else "") + (" *hoisted" if m.get("hoists_bounds") else "")
-        print(fmt_row((label, f"{m['median_s'] * 1e6:.1f}", f"{m['ns_per_elem']:.3f}", f"{m['gb_per_s']:.1f}"), w))
+        d = m.get("max_abs_diff_vs_fused")
+        print(fmt_row((label, f"{m['median_s'] * 1e6:.1f}", f"{m['ns_per_elem']:.3f}", f"{m['gb_per_s']:.1f}",
+                       "-" if d is None else f"{d:.1e}"), w))
     if r["compile_s"]:
         print("compile s (first call for this config): "
               + ", ".join(f"{k} {v:.2f}" for k, v in r["compile_s"].items()))
@@ -297,7 +321,7 @@ def print_config(r):
 
 def print_summary(results):
     names = [n for n, *_ in TARGETS]
-    w = [24, 5, 7] + [max(len(n), 12) for n in names]
+    w = [14, 8, 7] + [max(len(n), 12) for n in names]
     print("\n== summary: targeted ratios (PASS/MISS) ==")
     print(fmt_row(["shape", "dtype", "threads"] + names, w))
     for r in results:
@@ -338,6 +362,9 @@ def main(argv=None):
     }
     print(f"torch {meta['torch']} | {meta['build_info']} | {meta['cpu_model']} ({meta['cpu_count']} cpus) | "
           f"threads {threads} | min_run_time {min_run_time}s | load {meta['loadavg_start'][0]:.2f}")
+    if meta["loadavg_start"][0] > 0.5 * os.cpu_count():
+        print("warning: the machine is busy (load average above half the cores): timings will be noisy, "
+              "multi-thread ones most", file=sys.stderr)
 
     t_start = time.perf_counter()
     overhead = call_overhead(device, min_run_time)
@@ -345,6 +372,12 @@ def main(argv=None):
     for k, us in overhead["calls"].items():
         print(f"  {k:58s} {us:7.2f} us")
 
+    cache = None
+    if not args.no_compile and not args.reuse_compile_cache:
+        cache = tempfile.mkdtemp(prefix="bench_ops_inductor_")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        os.environ["TRITON_CACHE_DIR"] = os.path.join(cache, "triton")
+    meta["inductor_cache"] = None if args.no_compile else ("reused" if args.reuse_compile_cache else "fresh")
     compiled = None if args.no_compile else Compiled()
     gen = torch.Generator().manual_seed(0)
     results = []
@@ -355,6 +388,8 @@ def main(argv=None):
                 print_config(r)
                 results.append(r)
     torch.set_num_threads(os.cpu_count())
+    if cache:
+        shutil.rmtree(cache, ignore_errors=True)
     print_summary(results)
 
     targeted = [q for r in results for q in r["ratios"].values() if q["target"]]

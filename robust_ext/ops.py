@@ -53,7 +53,8 @@ def _load_extension():
                       "slower pure-PyTorch reference. Rebuild with `pip install --no-build-isolation .`.",
                       RuntimeWarning, stacklevel=3)
         return None, f"extension not loaded: {e}"
-    return torch.ops.robust_ext, "extension loaded"
+    # The overloads themselves: calling them skips the overload resolution of torch.ops.robust_ext.<op>.
+    return SimpleNamespace(**{n: getattr(torch.ops.robust_ext, n).default for n in _OP_NAMES}), "extension loaded"
 
 
 _EXT, _REASON = _load_extension()
@@ -79,14 +80,17 @@ def build_info() -> str:
 
 
 def _impl(x):
+    # is_cpu / is_cuda: cheaper than x.device.type, which matters at ~2 us per op call
     try:
-        return _IMPL.get(x.device.type, _REF)
+        return _IMPL["cpu"] if x.is_cpu else (_IMPL["cuda"] if x.is_cuda else _REF)
     except AttributeError:
         raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}") from None
 
 
 def _budget(value, name: str, x):
     """A budget as the schema takes it: (float, None) or (0.0, per-sample tensor)."""
+    if type(value) is float:
+        return value, None
     if isinstance(value, torch.Tensor):
         if value.dim() == 0 and isinstance(x, torch.Tensor) and x.dim() > 0:
             value = value.expand(x.shape[0])
@@ -97,6 +101,8 @@ def _budget(value, name: str, x):
 
 
 def _bound(value, name: str) -> float:
+    if type(value) is float:
+        return value
     if isinstance(value, (float, int)) and not isinstance(value, bool):
         return float(value)
     raise TypeError(f"{name} must be a float, got {type(value).__name__}")
