@@ -6,10 +6,16 @@
 #pragma once
 
 #include <cstdint>
+#include <type_traits>
 
 #include <c10/macros/Macros.h>
 
 namespace robust_ext {
+
+// The type the math runs in for storage type S: double for double, float for float, half and bfloat16.
+template <typename S>
+using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
 namespace math {
 
 // sign(g) as torch.sign (sign(±0) = 0), except that a NaN gradient gives 0: an element whose gradient

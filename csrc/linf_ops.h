@@ -2,6 +2,7 @@
 // in-place. A backend supplies only `Kernels`, four loops over dense memory that call linf_math.h.
 #pragma once
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/empty_like.h>
@@ -10,6 +11,10 @@
 #include "checks.h"
 
 namespace robust_ext {
+
+// The storage dtypes every op takes.
+#define RX_DISPATCH_FLOATS(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
 // alpha or eps as a kernel sees it: one value, or `per_sample` (contiguous, compute dtype) indexed by
 // sample.

@@ -25,9 +25,6 @@
 namespace robust_ext {
 namespace {
 
-template <typename S>
-using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
-
 // The row loops: one sample's contiguous run (or part of it) with scalar budgets. In-place calls
 // (out == x_adv) take their own loop: with a possible alias GCC only versions the loop and then runs the
 // scalar version. Inputs may equal `out` exactly (never partly overlap it: checks.h), which keeps
@@ -174,9 +171,6 @@ struct BudgetReader {
         value(static_cast<T>(b.value)) {}
   T operator[](int64_t s) const { return per_sample ? per_sample[s] : value; }
 };
-
-#define RX_DISPATCH_FLOATS(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
 struct CpuKernels {
   static void step(const at::Tensor& out, const at::Tensor& xa, const at::Tensor& g, const at::Tensor& x,

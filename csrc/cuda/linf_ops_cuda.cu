@@ -20,9 +20,6 @@ namespace {
 
 constexpr int kThreads = 256;
 
-template <typename S>
-using compute_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
-
 template <typename S, int N>
 struct alignas(sizeof(S) * N) Pack {
   S v[N];
@@ -132,9 +129,6 @@ __global__ void random_init_kernel(S* __restrict__ out, const S* __restrict__ x,
     }
   }
 }
-
-#define RX_DISPATCH_FLOATS(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
 
 struct CudaKernels {
   static void step(const at::Tensor& out, const at::Tensor& xa, const at::Tensor& g, const at::Tensor& x,
