@@ -4,6 +4,7 @@
 
 #include <cmath>
 
+#include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/MemoryOverlap.h>
 #include <ATen/ops/_assert_async.h>
@@ -58,11 +59,20 @@ inline void check_budget(double value, const c10::optional<at::Tensor>& per_samp
   TORCH_CHECK(t.device() == x.device(), name, " must be on the same device as x (", x.device(), "), got ",
               t.device());
   if (t.numel() == 0) return;
-  const at::Tensor bad = non_negative ? t.lt(0).logical_or_(t.isnan()).any() : t.isnan().any();
-  if (t.is_cpu()) {
-    TORCH_CHECK(!bad.item<bool>(), name, non_negative ? " must be >= 0 and not NaN for every sample"
-                                                       : " must not be NaN for any sample");
+  const char* what = non_negative ? " must be >= 0 and not NaN for every sample" : " must not be NaN for any sample";
+  if (t.is_cpu()) {  // a plain loop: no temporaries on the per-step path
+    const at::Tensor c = t.contiguous();
+    bool bad = false;
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "check_budget", [&] {
+      const scalar_t* p = c.data_ptr<scalar_t>();
+      for (int64_t i = 0; i < c.numel(); ++i) {
+        const double v = static_cast<double>(p[i]);
+        bad = bad || std::isnan(v) || (non_negative && v < 0);
+      }
+    });
+    TORCH_CHECK(!bad, name, what);
   } else {
+    const at::Tensor bad = non_negative ? t.lt(0).logical_or_(t.isnan()).any() : t.isnan().any();
     at::_assert_async(bad.logical_not(), non_negative ? "robust_ext: eps must be >= 0 for every sample"
                                                       : "robust_ext: alpha must not be NaN");
   }

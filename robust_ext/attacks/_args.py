@@ -1,0 +1,109 @@
+"""Argument checks of the attacks: each error names the argument, what was expected and what came."""
+from __future__ import annotations
+
+import math
+import numbers
+
+import torch
+
+from ..reference import compute_dtype
+
+LOSSES = ("ce", "margin")
+
+# Layouts that x_adv (a clone or empty_like of x) keeps and the fused step's fast path takes.
+_LAYOUTS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
+
+
+def _describe(v) -> str:
+    return f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def check_int(value, name: str, minimum: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
+        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+    return int(value)
+
+
+def check_scalar_budget(value, name: str):
+    """A float budget checked and returned as float; a tensor passed through (checked against x later)."""
+    if isinstance(value, torch.Tensor):
+        return value
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
+        raise ValueError(f"{name} must be a float >= 0 or a tensor of per-sample values, got {value!r}")
+    return float(value)
+
+
+def check_budget(value, name: str, x: torch.Tensor):
+    """eps or alpha: a float >= 0, or a tensor (0-d or [N]) returned as [N] in the ops' compute dtype."""
+    value = check_scalar_budget(value, name)
+    if not isinstance(value, torch.Tensor):
+        return value
+    if not value.is_floating_point():
+        raise TypeError(f"{name} as a tensor must have a floating-point dtype, got {value.dtype}")
+    n = x.shape[0]
+    if value.dim() == 0:
+        value = value.expand(n)
+    if value.shape != (n,):
+        raise ValueError(f"{name} as a tensor must have shape [] or [{n}] (one value per sample), "
+                         f"got {list(value.shape)}")
+    value = value.detach().to(device=x.device, dtype=compute_dtype(x.dtype)).contiguous()
+    # One host sync before the attack starts, for an error here rather than from inside the loop.
+    if n and bool(((value < 0) | value.isnan()).any()):
+        raise ValueError(f"{name} must be >= 0 and not NaN for every sample")
+    return value
+
+
+def check_bounds(clip_min, clip_max) -> tuple[float, float]:
+    for v, name in ((clip_min, "clip_min"), (clip_max, "clip_max")):
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
+            raise ValueError(f"{name} must be a float, got {v!r}")
+    if clip_min > clip_max:
+        raise ValueError(f"clip_min must be <= clip_max, got clip_min={clip_min} and clip_max={clip_max}")
+    return float(clip_min), float(clip_max)
+
+
+def check_loss(loss) -> str:
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+    return loss
+
+
+def amp_dtype(amp, device_type: str):
+    """The autocast dtype amp asks for on this device type, or None for no autocast."""
+    if amp is False or amp is None:
+        return None
+    if amp is True:
+        return torch.float16 if device_type == "cuda" else torch.bfloat16
+    if amp in (torch.float16, torch.bfloat16):
+        return amp
+    raise ValueError(f"amp must be False, True, torch.float16 or torch.bfloat16, got {amp!r}")
+
+
+def check_xy(x, y):
+    """(x detached in a layout the fused ops take without copies, y as int64 on x's device)."""
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {_describe(x)}")
+    if x.dim() < 1:
+        raise ValueError("x must have a batch dimension (dim 0), got a 0-d tensor")
+    if (not isinstance(y, torch.Tensor) or y.is_floating_point() or y.is_complex()
+            or y.dtype == torch.bool):
+        raise TypeError(f"y must be an integer tensor of class indices, got {_describe(y)}")
+    if y.shape != x.shape[:1]:
+        raise ValueError(f"y must have shape [{x.shape[0]}] (one label per sample of x), got {list(y.shape)}")
+    x = x.detach()
+    if not any(x.is_contiguous(memory_format=f) for f in _LAYOUTS):
+        x = x.contiguous()
+    return x, y.detach().to(device=x.device, dtype=torch.long)
+
+
+def check_hparams(params: dict) -> None:
+    """The checks that need no input, for the classes' constructors."""
+    check_scalar_budget(params["eps"], "eps")
+    if params.get("alpha") is not None:
+        check_scalar_budget(params["alpha"], "alpha")
+    if params.get("steps") is not None:
+        check_int(params["steps"], "steps", 1)
+    check_int(params.get("restarts", 1), "restarts", 1)
+    check_bounds(params["clip_min"], params["clip_max"])
+    check_loss(params["loss"])
+    amp_dtype(params["amp"], "cpu")
