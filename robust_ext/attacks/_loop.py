@@ -44,8 +44,9 @@ class Objective:
         with torch.enable_grad():
             x_adv.requires_grad_(True)
             logits = self.logits(x_adv)
-            (g,) = torch.autograd.grad(per_sample_loss(logits, y, self.loss).sum(), x_adv)
-        return g, logits.detach()
+            (g,) = torch.autograd.grad(per_sample_loss(logits, y, self.loss).sum(), x_adv, allow_unused=True)
+        # A model whose output ignores its input has no gradient: nothing to follow, so nothing moves.
+        return (torch.zeros_like(x_adv) if g is None else g), logits.detach()
 
     def success(self, logits, y):
         pred = logits.argmax(1)
@@ -58,13 +59,12 @@ class Objective:
 
 
 @contextlib.contextmanager
-def eval_mode(model):
-    """Every submodule in eval mode; each one's own mode restored afterwards, also on error."""
-    if not isinstance(model, nn.Module):
-        yield
-        return
-    modes = [(m, m.training) for m in model.modules()]
-    model.eval()
+def eval_mode(*models):
+    """Every submodule of each model in eval mode; each one's own mode restored afterwards, also on error."""
+    modes = [(m, m.training) for model in models if isinstance(model, nn.Module) for m in model.modules()]
+    for model in models:
+        if isinstance(model, nn.Module):
+            model.eval()
     try:
         yield
     finally:

@@ -1,0 +1,184 @@
+"""PNG plots of an evaluation, drawn on matplotlib ``Figure`` objects with the Agg canvas: no pyplot, so no
+global backend or figure state is touched and nothing needs a display."""
+from __future__ import annotations
+
+import math
+import os
+from pathlib import Path
+from typing import Dict, Mapping, Optional, Sequence, Union
+
+import torch
+from matplotlib.figure import Figure
+from matplotlib.ticker import MaxNLocator
+
+from ._inputs import eval_mode, predict
+
+PathLike = Union[str, "os.PathLike[str]"]
+_LINESTYLES = ("-", "--", ":", "-.")
+_GREEN, _RED = "#1a7f37", "#cf222e"
+
+
+def _save(fig: Figure, path: PathLike) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, format="png", dpi=100)
+    return path
+
+
+def plot_accuracy_curves(reports, path: PathLike, *, title: Optional[str] = None) -> Path:
+    """Robust accuracy vs ε: one line per attack (plus the worst case), from ε = 0 at clean accuracy.
+
+    ``reports``: a :class:`~robust_ext.evaluation.Report`, a list of them, or a dict name -> report for
+    several models (one line style per model). The first report's target accuracy is drawn dashed.
+    """
+    if not isinstance(reports, Mapping):
+        reports = [reports] if not isinstance(reports, (list, tuple)) else list(reports)
+        reports = {r.config.get("model", {}).get("name", f"model {i}"): r for i, r in enumerate(reports)}
+    if not reports:
+        raise ValueError("plot_accuracy_curves needs at least one report")
+    fig = Figure(figsize=(7, 4.5))
+    ax = fig.add_subplot()
+    colors: Dict[str, str] = {}
+    palette = [f"C{i}" for i in range(10)]
+    for k, (model, r) in enumerate(reports.items()):
+        curves = dict((name, a["accuracy"]) for name, a in r.attacks.items())
+        if r.worst_case:
+            curves["worst case"] = r.worst_case["accuracy"]
+        for name, acc in curves.items():
+            color = colors.setdefault(name, "black" if name == "worst case" else palette[len(colors) % 10])
+            eps, acc = list(r.eps), list(acc)
+            if eps[0] > 0:
+                eps, acc = [0.0] + eps, [r.clean_accuracy] + acc
+            label = name if len(reports) == 1 else f"{model}: {name}"
+            ax.plot(eps, acc, marker="o", markersize=3, color=color, linestyle=_LINESTYLES[k % 4], label=label)
+    first = next(iter(reports.values()))
+    target = first.config.get("target_accuracy")
+    if target is not None:
+        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"target {target:.0%}")
+    ax.set_xlabel("eps (L-inf)")
+    ax.set_ylabel("robust accuracy")
+    ax.set_ylim(-0.02, 1.02)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.set_title(title or f"robust accuracy vs eps ({first.n_samples} samples of "
+                          f"{first.config.get('data', {}).get('name', 'data')})")
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def _image(t: torch.Tensor, lo: float, hi: float):
+    """An image tensor as something imshow takes: H x W (grey) or H x W x 3 in [0, 1]."""
+    t = t.detach().float().cpu()
+    if t.dim() == 3 and t.shape[0] in (1, 3):
+        t = t[0] if t.shape[0] == 1 else t.permute(1, 2, 0)
+    elif t.dim() == 1 and math.isqrt(t.numel()) ** 2 == t.numel():
+        side = math.isqrt(t.numel())
+        t = t.view(side, side)
+    elif t.dim() != 2:
+        raise ValueError(f"cannot draw an image of shape {list(t.shape)}: expected C x H x W with C = 1 or 3, "
+                         "H x W, or a flat square image")
+    if math.isfinite(lo) and math.isfinite(hi) and hi > lo:
+        t = (t - lo) / (hi - lo)
+    else:
+        t = (t - t.min()) / (t.max() - t.min()).clamp_min(1e-12)
+    return t.clamp(0, 1).numpy()
+
+
+def _label(i: int, classes: Optional[Sequence[str]]) -> str:
+    return str(classes[i]) if classes is not None and i < len(classes) else str(i)
+
+
+def plot_adversarial_examples(model, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, path: PathLike, *,
+                              classes: Optional[Sequence[str]] = None, n: int = 8, title: Optional[str] = None,
+                              clip_min: float = 0.0, clip_max: float = 1.0) -> Path:
+    """A grid of the first ``n`` images: clean (top row), perturbation scaled to fill the grey range
+    (middle), adversarial (bottom). Each image's title is the model's prediction, green when it equals the
+    label and red when not."""
+    n = min(n, x.shape[0])
+    if n == 0:
+        raise ValueError("plot_adversarial_examples needs at least one image")
+    if x_adv.shape != x.shape:
+        raise ValueError(f"x_adv must have x's shape {list(x.shape)}, got {list(x_adv.shape)}")
+    x, x_adv, y = x[:n], x_adv[:n].to(x.device), y[:n].to(x.device)
+    with eval_mode(model):
+        pred_clean, pred_adv = predict(model, x).cpu(), predict(model, x_adv).cpu()
+    y = y.cpu()
+    delta = (x_adv - x).detach().float().cpu()
+    scale = float(delta.abs().max())
+    fig = Figure(figsize=(1.5 * n + 0.8, 5.2))
+    axes = fig.subplots(3, n, squeeze=False)
+    for i in range(n):
+        rows = [(x[i], pred_clean[i], clip_min, clip_max), (delta[i], None, -max(scale, 1e-12), max(scale, 1e-12)),
+                (x_adv[i], pred_adv[i], clip_min, clip_max)]
+        for r, (img, pred, lo, hi) in enumerate(rows):
+            ax = axes[r][i]
+            ax.imshow(_image(img, lo, hi), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if pred is not None:
+                ok = int(pred) == int(y[i])
+                ax.set_title(f"pred {_label(int(pred), classes)}" + ("" if ok else f"\n(label {_label(int(y[i]), classes)})"),
+                             color=_GREEN if ok else _RED, fontsize=8)
+    for r, name in enumerate(("clean", f"delta (x{1 / scale:.3g})" if scale > 0 else "delta (0)", "adversarial")):
+        axes[r][0].set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_class_probabilities(probs: torch.Tensor, y: torch.Tensor, path: PathLike, *,
+                             classes: Optional[Sequence[str]] = None, n: int = 4, title: Optional[str] = None) -> Path:
+    """For the first ``n`` images, the probability of every class along an attack's steps (``probs`` from
+    :func:`~robust_ext.evaluation.pgd_trajectory`, ``[steps + 1, N, num_classes]``); the true class thick."""
+    if probs.dim() != 3 or probs.shape[1] != y.shape[0]:
+        raise ValueError(f"probs must be [steps + 1, N, num_classes] with N = len(y) = {y.shape[0]}, got "
+                         f"{list(probs.shape)}")
+    n = min(n, probs.shape[1])
+    if n == 0:
+        raise ValueError("plot_class_probabilities needs at least one image")
+    probs, y = probs.detach().float().cpu(), y.cpu()
+    steps = list(range(probs.shape[0]))
+    fig = Figure(figsize=(3.2 * n, 3.2))
+    axes = fig.subplots(1, n, squeeze=False)[0]
+    palette = [f"C{i}" for i in range(10)]
+    for i, ax in enumerate(axes):
+        label = int(y[i])
+        for c in range(probs.shape[2]):
+            true = c == label
+            ax.plot(steps, probs[:, i, c].numpy(), color=palette[c % 10], linewidth=2.5 if true else 1,
+                    label=_label(c, classes) + (" (true)" if true else ""))
+        final = int(probs[-1, i].argmax())
+        ax.set_title(f"label {_label(label, classes)} -> {_label(final, classes)}",
+                     color=_GREEN if final == label else _RED, fontsize=9)
+        ax.set_xlabel("step")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.set_ylim(-0.02, 1.02)
+        ax.grid(alpha=0.3)
+    axes[0].set_ylabel("probability")
+    axes[-1].legend(fontsize=6, loc="center left", bbox_to_anchor=(1.0, 0.5))
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_transfer_matrix(result, path: PathLike, *, title: Optional[str] = None) -> Path:
+    """A heat map of a :class:`~robust_ext.evaluation.TransferResult`'s accuracy matrix (rows: the model the
+    adversarial examples were made on; columns: the model scoring them)."""
+    names, acc = result.names, result.accuracy
+    fig = Figure(figsize=(1.2 * len(names) + 2.5, 1.0 * len(names) + 1.8))
+    ax = fig.add_subplot()
+    image = ax.imshow(acc, vmin=0, vmax=1, cmap="viridis")
+    for i in range(len(names)):
+        for j in range(len(names)):
+            ax.text(j, i, f"{acc[i][j]:.2f}", ha="center", va="center", fontsize=8,
+                    color="white" if acc[i][j] < 0.5 else "black")
+    ax.set_xticks(range(len(names)), names, rotation=30, ha="right", fontsize=8)
+    ax.set_yticks(range(len(names)), names, fontsize=8)
+    ax.set_xlabel("scored on")
+    ax.set_ylabel("made on")
+    fig.colorbar(image, ax=ax, label="robust accuracy")
+    ax.set_title(title or f"transfer: {result.attack['name']}, eps = {result.eps:.4g}", fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)

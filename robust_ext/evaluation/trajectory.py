@@ -1,0 +1,42 @@
+"""PGD run step by step on the fused ops, recording the class probabilities after every step (the attacks
+module has no per-step hook)."""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+from .. import ops
+from ..attacks._loop import Objective
+from ._inputs import check_eps, eval_mode
+from .specs import ALPHA_FACTOR
+
+
+def pgd_trajectory(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha: Optional[float] = None,
+                   steps: int = 10, random_start: bool = True, clip_min: float = 0.0,
+                   clip_max: float = 1.0, generator: Optional[torch.Generator] = None):
+    """Untargeted L-inf PGD with no early stop, recording ``softmax(model(x_adv))`` at the start point and
+    after each step.
+
+    The same update as :func:`robust_ext.attacks.pgd` with ``loss="ce"`` (same random start from
+    ``generator``, same summed cross-entropy, same fused step), so the final iterate equals ``pgd(..., early_stop=False)``'s. ``alpha`` defaults
+    to ``2.5 * eps / steps``. Returns ``(probs [steps + 1, N, num_classes] float32 on the CPU, x_adv)``.
+    """
+    eps = check_eps(eps)
+    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
+        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    alpha = eps * ALPHA_FACTOR / steps if alpha is None else check_eps(alpha, "alpha")
+    x = x.detach()
+    y = y.to(x.device)
+    probs = []
+    objective = Objective(model, "ce", False, None, x.device.type)
+    with eval_mode(model):
+        x_adv = ops.linf_random_init(x, eps, clip_min, clip_max, generator=generator) if random_start else x.clone()
+        for _ in range(steps):
+            grad, logits = objective.grad(x_adv, y)
+            probs.append(logits.detach().float().softmax(1).cpu())
+            x_adv = x_adv.detach()
+            ops.linf_step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
+        with torch.no_grad():
+            probs.append(model(x_adv).float().softmax(1).cpu())
+    return torch.stack(probs), x_adv
