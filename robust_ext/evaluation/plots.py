@@ -182,3 +182,26 @@ def plot_transfer_matrix(result, path: PathLike, *, title: Optional[str] = None)
     ax.set_title(title or f"transfer: {result.attack['name']}, eps = {result.eps:.4g}", fontsize=10)
     fig.tight_layout()
     return _save(fig, path)
+
+
+def plot_tradeoff(rows: Sequence[Mapping], path: PathLike, *, title: Optional[str] = None) -> Path:
+    """The accuracy-robustness trade-off: one point per model, clean accuracy against PGD accuracy,
+    labelled with the ε it was trained at. ``rows``: dicts with ``train_eps``, ``clean``, ``pgd``, ``eval_eps``."""
+    if not rows:
+        raise ValueError("plot_tradeoff needs at least one row")
+    fig = Figure(figsize=(6, 4.5))
+    ax = fig.add_subplot()
+    clean = [r["clean"] for r in rows]
+    robust = [r["pgd"] for r in rows]
+    ax.plot(clean, robust, color="grey", linewidth=0.8, zorder=1)
+    points = ax.scatter(clean, robust, c=[r["train_eps"] for r in rows], cmap="viridis", s=50, zorder=2)
+    for r in rows:
+        ax.annotate(f"ε={r['train_eps']:g}", (r["clean"], r["pgd"]), textcoords="offset points", xytext=(6, 4),
+                    fontsize=8)
+    fig.colorbar(points, ax=ax, label="training ε")
+    ax.set_xlabel("clean accuracy")
+    ax.set_ylabel(f"PGD accuracy at ε = {rows[0]['eval_eps']:g}")
+    ax.grid(alpha=0.3)
+    ax.set_title(title or "accuracy-robustness trade-off")
+    fig.tight_layout()
+    return _save(fig, path)

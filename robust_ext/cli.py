@@ -1,0 +1,286 @@
+"""``robust-ext``: the command line. ``robust-ext demo`` is the main job; ``robust-ext --help`` lists the rest.
+
+Errors a user can cause (a bad path, an unknown data set or attack, a checkpoint that does not fit the
+data) print one line and exit with status 2; no traceback.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import List, Optional
+
+ATTACKS = ("fgsm", "fgsm_rs", "bim", "pgd")
+
+
+class UsageError(Exception):
+    """A problem with what the user asked for: reported in one line, exit status 2."""
+
+
+def _floats(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one number")
+    return values
+
+
+def _amp(text: str):
+    import torch
+
+    choices = {"off": False, "on": True, "bf16": torch.bfloat16, "fp16": torch.float16}
+    if text not in choices:
+        raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
+    return choices[text]
+
+
+def _load_data(name: str, data_dir: Optional[str], split: str, n: Optional[int]):
+    import torch
+
+    from .data import load_dataset
+
+    try:
+        ds = load_dataset(name, data_dir=data_dir, split=split)
+    except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
+        raise UsageError(f"--data {name}: {e}") from None
+    if n is not None:
+        if n < 1:
+            raise UsageError(f"-n must be >= 1, got {n}")
+        ds = torch.utils.data.Subset(ds, range(min(n, len(ds))))
+    return ds
+
+
+def _load_model(path: str, sample):
+    """The checkpoint's model, checked against one sample of the data."""
+    import torch
+
+    from .models import load_model
+
+    if not Path(path).is_file():
+        raise UsageError(f"--model {path}: no such file")
+    try:
+        model = load_model(path)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--model {path}: {e}") from None
+    x = sample[0].unsqueeze(0)
+    try:
+        with torch.no_grad():
+            out = model(x)
+    except Exception as e:  # the architecture refuses these images (channels, size)
+        raise UsageError(f"--model {path}: the checkpoint's model does not accept this data set's images "
+                         f"(shape {list(x.shape[1:])}): {e}") from None
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        raise UsageError(f"--model {path}: the model does not return [N, classes] logits")
+    return model
+
+
+def _progress(args) -> bool:
+    return not args.quiet and sys.stderr.isatty()
+
+
+def cmd_info(args) -> int:
+    from . import backend, build_info
+    from .data import available_datasets
+
+    print(json.dumps({"backend": backend(), "build": build_info(), "datasets": available_datasets()}, indent=2))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from .demo import format_demo, run_demo
+
+    kwargs = dict(epochs=args.epochs, steps=20, amp=args.amp, seed=args.seed, progress=_progress(args))
+    if args.quick:  # CI's smoke run: same pipeline, small data, few epochs
+        kwargs.update(epochs=min(args.epochs, 2), n_train=1000, n_test=200)
+    summary = run_demo(args.out, **kwargs)
+    print(format_demo(summary))
+    print(f"\nwrote {args.out}/demo.json, accuracy_vs_eps.png, adversarial_examples.png, checkpoints in "
+          f"{args.out}/standard and {args.out}/robust")
+    return 0
+
+
+def cmd_tradeoff(args) -> int:
+    from .demo import run_tradeoff
+
+    summary = run_tradeoff(args.out, eps_values=args.eps, eval_eps=args.eval_eps, epochs=args.epochs, amp=args.amp,
+                           seed=args.seed, progress=_progress(args), n_test=args.n)
+    print(f"{'train eps':>10}{'clean':>8}{'PGD':>8}   (PGD-20 at eps = {args.eval_eps})")
+    for r in summary["rows"]:
+        print(f"{r['train_eps']:>10g}{r['clean']:>8.1%}{r['pgd']:>8.1%}")
+    print(f"\nwrote {args.out}/tradeoff.json and tradeoff.png")
+    return 0
+
+
+def cmd_train(args) -> int:
+    from .models import available_models, build_model
+    from .training import train
+
+    if args.arch not in available_models():
+        raise UsageError(f"--arch {args.arch!r} is unknown; known: {', '.join(available_models())}")
+    train_set = _load_data(args.data, args.data_dir, "train", None)
+    test_set = _load_data(args.data, args.data_dir, "test", None)
+    channels, size = train_set[0][0].shape[0], train_set[0][0].shape[-1]
+    config = {"in_channels": channels}
+    if args.arch == "small_cnn":
+        config["input_size"] = size
+    model = build_model(args.arch, **config)
+    try:
+        result = train(model, train_set, test_set, method=args.method, epochs=args.epochs, eps=args.eps,
+                       lr=args.lr, batch_size=args.batch_size, amp=args.amp, seed=args.seed, out_dir=args.out,
+                       progress=_progress(args), resume=args.resume)
+    except (ValueError, TypeError) as e:
+        raise UsageError(str(e)) from None
+    print(json.dumps({"final": result.final, "best": str(result.best_path), "last": str(result.last_path),
+                      "stopped_early": result.stopped_early, "stop_reason": result.stop_reason}, indent=2,
+                     default=str))
+    return 0
+
+
+def cmd_attack(args) -> int:
+    import torch
+
+    from . import attacks
+    from .evaluation.metrics import perturbation_norms
+    from .evaluation.plots import plot_adversarial_examples
+
+    ds = _load_data(args.data, args.data_dir, args.split, args.n)
+    model = _load_model(args.model, ds[0])
+    x = torch.stack([ds[i][0] for i in range(len(ds))])
+    y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    gen = torch.Generator().manual_seed(args.seed)
+    alpha = args.alpha if args.alpha is not None else 2.5 * args.eps / args.steps
+    run = {"fgsm": lambda xb, yb: attacks.fgsm(model, xb, yb, eps=args.eps),
+           "fgsm_rs": lambda xb, yb: attacks.fgsm_rs(model, xb, yb, eps=args.eps, generator=gen),
+           "bim": lambda xb, yb: attacks.bim(model, xb, yb, eps=args.eps, alpha=alpha, steps=args.steps),
+           "pgd": lambda xb, yb: attacks.pgd(model, xb, yb, eps=args.eps, alpha=alpha, steps=args.steps,
+                                             restarts=args.restarts, generator=gen)}[args.attack]
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    chunks = []
+    from tqdm import tqdm
+    for start in tqdm(range(0, len(x), args.batch_size), disable=not _progress(args), desc=args.attack):
+        chunks.append(run(x[start:start + args.batch_size], y[start:start + args.batch_size]))
+    x_adv = torch.cat(chunks)
+    with torch.no_grad():
+        clean_pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
+    correct = clean_pred == y
+    robust = correct & (adv_pred == y)
+    linf, l2 = perturbation_norms(x_adv, x)
+    norms = {"linf_mean": linf.mean().item(), "linf_max": linf.max().item(), "l2_mean": l2.mean().item(),
+             "l2_max": l2.max().item()}
+    result = {"model": args.model, "data": args.data, "split": args.split, "n": len(x), "attack": args.attack,
+              "eps": args.eps, "alpha": alpha if args.attack in ("bim", "pgd") else None, "steps": args.steps,
+              "clean_accuracy": correct.float().mean().item(), "robust_accuracy": robust.float().mean().item(),
+              "success_rate": ((correct & ~robust).sum() / correct.sum().clamp_min(1)).item(), "norms": norms}
+    torch.save({"x_adv": x_adv, "y": y, "clean_pred": clean_pred, "adv_pred": adv_pred}, out / "adversarial.pt")
+    (out / "attack.json").write_text(json.dumps(result, indent=2))
+    plot_adversarial_examples(model, x[:8], y[:8], x_adv[:8], out / "adversarial_examples.png")
+    print(json.dumps(result, indent=2))
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from .evaluation import evaluate, make_attack
+
+    ds = _load_data(args.data, args.data_dir, args.split, args.n)
+    model = _load_model(args.model, ds[0])
+    specs = []
+    for name in args.attacks.split(","):
+        try:
+            specs.append(make_attack(name.strip(), steps=args.steps) if name.strip() in ("bim", "pgd")
+                         else make_attack(name.strip()))
+        except ValueError as e:
+            raise UsageError(f"--attacks: {e}") from None
+    report = evaluate(model, ds, specs, eps=args.eps, min_eps=not args.no_min_eps, seed=args.seed,
+                      progress=_progress(args), model_name=Path(args.model).name, data_name=args.data,
+                      plot_dir=args.out)
+    report.to_json(Path(args.out) / "report.json")
+    print(report.summary())
+    print(f"\nwrote {args.out}/report.json and plots")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="robust-ext", description=__doc__.splitlines()[0])
+    p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("info", help="backend, build and data sets")
+
+    d = sub.add_parser("demo", help="standard vs FGSM-RS robust CNN on 5,000 real MNIST digits (MATLAB example)")
+    d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
+    d.add_argument("--epochs", type=int, default=10)
+    d.add_argument("--amp", type=_amp, default=False, help="off | on | bf16 | fp16 (default off)")
+    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--quick", action="store_true", help="a short run (1,000 digits, 2 epochs) for smoke tests")
+
+    t = sub.add_parser("tradeoff", help="train at several eps, plot clean vs PGD accuracy")
+    t.add_argument("--out", default="tradeoff_out")
+    t.add_argument("--eps", type=_floats, default=[0.0, 0.05, 0.1, 0.15, 0.2], help="training eps values")
+    t.add_argument("--eval-eps", type=float, default=0.1)
+    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("-n", type=int, default=500, help="test digits to evaluate")
+    t.add_argument("--amp", type=_amp, default=False)
+    t.add_argument("--seed", type=int, default=0)
+
+    tr = sub.add_parser("train", help="train a model (standard, fgsm_rs or pgd) on a data set")
+    tr.add_argument("--data", default="mnist5k")
+    tr.add_argument("--data-dir")
+    tr.add_argument("--arch", default="small_cnn")
+    tr.add_argument("--method", default="fgsm_rs")
+    tr.add_argument("--eps", type=float, default=0.1)
+    tr.add_argument("--epochs", type=int, default=10)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--batch-size", type=int, default=128)
+    tr.add_argument("--amp", type=_amp, default=False)
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--out", required=True)
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
+
+    for name, help_ in (("attack", "attack a saved model, save the adversarial examples"),
+                        ("evaluate", "robustness report of a saved model")):
+        a = sub.add_parser(name, help=help_)
+        a.add_argument("--model", required=True, help="checkpoint written by robust-ext train / demo")
+        a.add_argument("--data", default="mnist5k")
+        a.add_argument("--data-dir")
+        a.add_argument("--split", default="test")
+        a.add_argument("-n", type=int, default=None, help="use the first N samples")
+        a.add_argument("--steps", type=int, default=20)
+        a.add_argument("--seed", type=int, default=0)
+        a.add_argument("--out", required=True)
+        if name == "attack":
+            a.add_argument("--attack", default="pgd", help=f"one of {', '.join(ATTACKS)}")
+            a.add_argument("--eps", type=float, default=0.1)
+            a.add_argument("--alpha", type=float, default=None, help="default 2.5 * eps / steps")
+            a.add_argument("--restarts", type=int, default=1)
+            a.add_argument("--batch-size", type=int, default=256)
+        else:
+            a.add_argument("--attacks", default="fgsm,pgd", help="comma-separated: fgsm, bim, pgd, noise")
+            a.add_argument("--eps", type=_floats, default=[0.05, 0.1, 0.2, 0.3])
+            a.add_argument("--no-min-eps", action="store_true", help="skip the per-sample minimal eps bisection")
+    return p
+
+
+COMMANDS = {"info": cmd_info, "demo": cmd_demo, "tradeoff": cmd_tradeoff, "train": cmd_train,
+            "attack": cmd_attack, "evaluate": cmd_evaluate}
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s")
+    if getattr(args, "attack", None) is not None and args.attack not in ATTACKS:
+        print(f"robust-ext: error: unknown attack {args.attack!r}; known: {', '.join(ATTACKS)}", file=sys.stderr)
+        return 2
+    try:
+        return COMMANDS[args.command](args)
+    except UsageError as e:
+        print(f"robust-ext: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

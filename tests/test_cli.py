@@ -1,0 +1,87 @@
+"""The command line: each subcommand on tiny inputs, and one-line errors (exit 2) for what a user gets wrong."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from robust_ext.cli import main
+from robust_ext.demo import format_demo, run_demo
+from robust_ext.models import SmallCNN, save_checkpoint
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("ckpt") / "cnn.pt"
+    save_checkpoint(path, SmallCNN())
+    return path
+
+
+def run(capsys, *argv):
+    code = main(["-q", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def test_attack_writes_examples_and_report(tmp_path, checkpoint, capsys):
+    code, out, _ = run(capsys, "attack", "--model", str(checkpoint), "--data", "mnist5k", "-n", "16",
+                       "--attack", "pgd", "--eps", "0.1", "--steps", "3", "--out", str(tmp_path))
+    assert code == 0
+    report = json.loads((tmp_path / "attack.json").read_text())
+    saved = torch.load(tmp_path / "adversarial.pt", weights_only=True)
+    assert report["n"] == 16 and saved["x_adv"].shape == (16, 1, 28, 28)
+    assert report["norms"]["linf_max"] <= 0.1 + 1e-6
+    assert report["robust_accuracy"] <= report["clean_accuracy"]
+    assert (tmp_path / "adversarial_examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert json.loads(out)["attack"] == "pgd"
+
+
+def test_evaluate_writes_report(tmp_path, checkpoint, capsys):
+    code, out, _ = run(capsys, "evaluate", "--model", str(checkpoint), "-n", "16", "--attacks", "fgsm,pgd",
+                       "--eps", "0.05,0.2", "--steps", "3", "--no-min-eps", "--out", str(tmp_path))
+    assert code == 0
+    report = json.loads((tmp_path / "report.json").read_text())
+    assert report["eps"] == [0.05, 0.2] and set(report["attacks"]) == {"fgsm", "pgd"}
+    assert (tmp_path / "accuracy_vs_eps.png").exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["attack", "--model", "/nonexistent.pt", "--out", "{tmp}"], "--model /nonexistent.pt: no such file"),
+    (["attack", "--model", "{ckpt}", "--data", "imagenet", "--out", "{tmp}"], "--data imagenet: unknown data set"),
+    (["attack", "--model", "{ckpt}", "--attack", "cw", "--out", "{tmp}"], "unknown attack 'cw'"),
+    (["evaluate", "--model", "{ckpt}", "--attacks", "fgsm,deepfool", "-n", "4", "--out", "{tmp}"],
+     "--attacks: unknown attack 'deepfool'"),
+    (["attack", "--model", "{ckpt}", "--data", "digits", "--out", "{tmp}"],
+     "does not accept this data set's images"),
+    (["attack", "--model", "{garbage}", "--out", "{tmp}"], "--model"),
+    (["attack", "--model", "{ckpt}", "--data", "mnist-idx", "--out", "{tmp}"], "--data mnist-idx"),
+])
+def test_user_errors_are_one_line(tmp_path, checkpoint, capsys, argv, message):
+    garbage = tmp_path / "garbage.pt"
+    garbage.write_bytes(b"not a checkpoint")
+    argv = [a.format(tmp=tmp_path, ckpt=checkpoint, garbage=garbage) for a in argv]
+    code, _, err = run(capsys, *argv)
+    assert code == 2
+    assert err.startswith("robust-ext: error:") and message in err and "Traceback" not in err
+    assert err.count("\n") == 1
+
+
+def test_console_script_runs():
+    out = subprocess.run([sys.executable, "-m", "robust_ext.cli", "info"], capture_output=True, text=True, check=True)
+    assert json.loads(out.stdout)["backend"]["cpu"] in ("extension", "reference")
+
+
+def test_demo_pipeline_small(tmp_path):
+    """The demo's whole pipeline on a sliver of the data: files, table and targets are all there."""
+    summary = run_demo(tmp_path, epochs=1, n_train=256, n_test=32, steps=2, curve=(0.1, 0.3), progress=False)
+    assert set(summary["models"]) == {"standard", "robust"}
+    for name in ("standard", "robust"):
+        m = summary["models"][name]
+        assert 0 <= m["bim"][0.3] <= m["bim"][0.1] + 1 / 32 <= m["clean"] + 2 / 32
+        assert (tmp_path / name / "last.pt").exists() and (tmp_path / f"{name}_report.json").exists()
+    for png in ("accuracy_vs_eps.png", "adversarial_examples.png", "standard/curves.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert json.loads((tmp_path / "demo.json").read_text())["targets"].keys() >= {"standard_clean", "robust_clean"}
+    assert "BIM accuracy over eps" in format_demo(summary)
