@@ -10,8 +10,9 @@ robust accuracy), both loadable with :func:`robust_ext.models.load_model`. Multi
 """
 from .config import METHODS, OPTIMIZERS, SCHEDULERS, TrainConfig
 from .guard import CollapseGuard
-from .loop import TrainResult, train
+from .loop import train
 from .monitor import plot_curves, read_metrics
+from .result import TrainResult
 
 __all__ = ["train", "TrainConfig", "TrainResult", "CollapseGuard", "plot_curves", "read_metrics", "METHODS",
            "OPTIMIZERS", "SCHEDULERS"]

@@ -1,6 +1,7 @@
 """Batches for training and evaluation: the epoch's order from a DistributedSampler (also in a single
 process, so one process and N processes see the same global batches), read straight from in-memory tensors
-when the data set is a two-tensor ``TensorDataset`` (``ImageDataset`` is one), else through a DataLoader."""
+when the data set is a two-tensor ``TensorDataset`` (``ImageDataset`` is one) or a ``Subset`` of one, else
+through a DataLoader."""
 from __future__ import annotations
 
 import math
@@ -8,7 +9,7 @@ from typing import Iterator, Tuple
 
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, Dataset, DistributedSampler, TensorDataset
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Subset, TensorDataset
 
 
 def derive_seed(seed: int, stream: int, rank: int = 0) -> int:
@@ -25,12 +26,17 @@ def check_dataset(dataset, name: str) -> None:
 
 
 class Batches:
-    """Reads batches of ``dataset`` at given indices."""
+    """Reads batches of ``dataset`` at given indices: by ``index_select`` from the tensors of a two-tensor
+    ``TensorDataset`` or of a ``Subset`` of one, else through a DataLoader."""
 
     def __init__(self, dataset, num_workers: int, pin_memory: bool):
         self.dataset, self.num_workers, self.pin_memory = dataset, num_workers, pin_memory
-        tensors = dataset.tensors if isinstance(dataset, TensorDataset) else ()
-        self.tensors = tensors if len(tensors) == 2 and num_workers == 0 else None
+        self.tensors, self.index_map = None, None
+        base = dataset.dataset if isinstance(dataset, Subset) else dataset
+        if isinstance(base, TensorDataset) and len(base.tensors) == 2 and num_workers == 0:
+            self.tensors = base.tensors
+            if base is not dataset:
+                self.index_map = torch.as_tensor(dataset.indices, dtype=torch.int64)
 
     def __call__(self, indices: torch.Tensor, batch_size: int, drop_last: bool = False
                  ) -> Iterator[Tuple[torch.Tensor, torch.Tensor]]:
@@ -40,6 +46,8 @@ class Batches:
         if self.tensors is not None:
             images, labels = self.tensors
             for chunk in chunks:
+                if self.index_map is not None:
+                    chunk = self.index_map.index_select(0, chunk)
                 yield images.index_select(0, chunk), labels.index_select(0, chunk)
             return
         loader = DataLoader(self.dataset, batch_sampler=[c.tolist() for c in chunks],

@@ -2,11 +2,14 @@
 
 :func:`robust_ext.training.train` runs unchanged under ``torchrun --nproc_per_node=N script.py``: it joins
 the process group torchrun describes in the environment (gloo on CPU, NCCL on CUDA), or uses one the
-caller already initialized. Each process trains on its share of every global batch, gradients are
+caller already initialized. A group train() creates stays up for later calls in the same process (a second
+group in the same torchrun job would meet the first one's keys in torchrun's store, and can hang) and is
+destroyed at exit. Each process trains on its share of every global batch, gradients are
 averaged by DDP, epoch metrics are summed over processes, and only rank 0 writes files.
 """
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 from dataclasses import dataclass
@@ -23,8 +26,6 @@ log = logging.getLogger(__name__)
 class Context:
     rank: int = 0
     world_size: int = 1
-    local_rank: int = 0
-    owns_group: bool = False  # train() created the group and destroys it at the end
 
     @property
     def distributed(self) -> bool:
@@ -38,7 +39,7 @@ class Context:
 def setup(device: Optional[torch.device]) -> Context:
     """Join the running process group, or create the one torchrun's environment describes."""
     if dist.is_available() and dist.is_initialized():
-        return Context(dist.get_rank(), dist.get_world_size(), int(os.environ.get("LOCAL_RANK", 0)), False)
+        return Context(dist.get_rank(), dist.get_world_size())
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world <= 1:
         return Context()
@@ -50,12 +51,13 @@ def setup(device: Optional[torch.device]) -> Context:
     if cuda:
         torch.cuda.set_device(local_rank if device is None or device.index is None else device.index)
     dist.init_process_group(backend)
+    atexit.register(_destroy)
     log.info("joined process group: rank %d of %d, backend %s", dist.get_rank(), dist.get_world_size(), backend)
-    return Context(dist.get_rank(), dist.get_world_size(), local_rank, True)
+    return Context(dist.get_rank(), dist.get_world_size())
 
 
-def teardown(ctx: Context) -> None:
-    if ctx.owns_group and dist.is_initialized():
+def _destroy() -> None:
+    if dist.is_initialized():
         dist.destroy_process_group()
 
 
@@ -71,7 +73,10 @@ def wrap(model: nn.Module, ctx: Context, device: torch.device) -> nn.Module:
     if not ctx.distributed:
         return model
     from torch.nn.parallel import DistributedDataParallel
-    return DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    if device.type != "cuda":
+        return DistributedDataParallel(model)
+    return DistributedDataParallel(model, device_ids=[device.index if device.index is not None
+                                                      else torch.cuda.current_device()])
 
 
 def all_reduce_sum(t: torch.Tensor, ctx: Context) -> torch.Tensor:

@@ -1,10 +1,8 @@
-"""The training loop: :func:`train` and its :class:`TrainResult`."""
+"""The training loop: :func:`train`."""
 from __future__ import annotations
 
 import logging
-import math
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional
 
@@ -20,38 +18,11 @@ from .checkpoint import (capture_rng, check_resumable, load_training_checkpoint,
 from .config import TrainConfig, resolve
 from .guard import CollapseGuard
 from .monitor import MetricsLog, Progress, plot_curves
+from .result import TrainResult
 
 log = logging.getLogger("robust_ext.training")
 
 _ATTACK_STREAM, _EVAL_STREAM, _SUBSET_STREAM = 1, 2, 3
-
-
-@dataclass
-class TrainResult:
-    """What :func:`train` did. ``history``: one dict per epoch (also the ``"epoch"`` lines of the log):
-    ``epoch``, ``lr`` (of the epoch's last step), ``train_loss`` (the optimized loss), ``train_acc`` (on the
-    examples trained on: adversarial ones for fgsm_rs/pgd), ``train_clean_acc`` (when mixing), ``test_loss``,
-    ``test_acc``, ``robust_acc`` (PGD at eval_eps), ``robust_on`` ("test" or "train"), ``train_time_s``,
-    ``images_per_s`` (training images of all processes per second of training), ``eval_time_s``,
-    ``collapsed``. Best is by ``robust_acc`` when it is measured, else ``test_acc``, else there is none.
-    After a catastrophic-overfitting stop the model holds the best epoch's weights; otherwise the last's."""
-
-    history: List[Dict[str, Any]]
-    epochs_completed: int
-    best_metric: Optional[str] = None
-    best_epoch: Optional[int] = None
-    best_value: Optional[float] = None
-    stopped_early: bool = False
-    stop_reason: Optional[str] = None
-    last_path: Optional[Path] = None
-    best_path: Optional[Path] = None
-    log_path: Optional[Path] = None
-    plot_path: Optional[Path] = None
-    resumed_from: Optional[Path] = None
-
-    @property
-    def final(self) -> Dict[str, Any]:
-        return self.history[-1] if self.history else {}
 
 
 def train(model: nn.Module, train_set, test_set=None, config: Optional[TrainConfig] = None, *,
@@ -88,7 +59,6 @@ def train(model: nn.Module, train_set, test_set=None, config: Optional[TrainConf
     try:
         return _Run(model, train_set, test_set, config, ctx, resume, on_epoch_end).run()
     finally:
-        dist_util.teardown(ctx)
         torch.set_num_threads(threads)
 
 
