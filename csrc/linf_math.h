@@ -93,13 +93,6 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE Philox4 philox4x32_10(uint64_t counter_lo, uin
   return Philox4{{c0, c1, c2, c3}};
 }
 
-C10_HOST_DEVICE C10_ALWAYS_INLINE uint64_t philox_counter(int64_t i) {
-  return static_cast<uint64_t>(i / kBlock) * kLanes + static_cast<uint64_t>(i % kLanes);
-}
-C10_HOST_DEVICE C10_ALWAYS_INLINE int philox_word(int64_t i) {
-  return static_cast<int>((i / kLanes) % 4);
-}
-
 // A 32-bit word to a uniform value in [-1, 1), exactly representable in T: 24 bits for float,
 // all 32 for double.
 template <typename T>

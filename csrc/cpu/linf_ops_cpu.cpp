@@ -66,83 +66,91 @@ RX_CLONES void fgsm_row(S* __restrict out, const S* __restrict x, const S* __res
     out[i] = static_cast<S>(math::fgsm<T>(static_cast<T>(x[i]), static_cast<T>(g[i]), eps, lo, hi));
 }
 
-// Philox words of the 16 counters c_base .. c_base + 15 (c_base a multiple of 16): w[word][lane].
-// GCC vectorizes the 32x32->64-bit products of math::philox4x32_10 with AVX-512's slow 64-bit
-// vpmullq; with AVX-512F present, the same rounds run on vpmuludq (even/odd lanes), 2.5x fewer
-// instructions. Bit-identical by construction and by tests/test_random_init.py.
+// Philox words of kBlocks blocks of 16 counters each, from c_base (a multiple of 16):
+// w[b][word][lane]. GCC vectorizes the 32x32->64-bit products of math::philox4x32_10 with AVX-512's
+// slow 64-bit vpmullq; with AVX-512F present, the same rounds run on vpmuludq (even/odd lanes), 2.5x
+// fewer instructions, and two blocks at once hide the rounds' latency chain. Bit-identical by
+// construction and by tests/test_random_init.py.
+constexpr int kBlocks = 2;
+using Words = uint32_t[kBlocks][4][math::kLanes];
+
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-__attribute__((target("avx512f"))) void philox_block_avx512(uint64_t c_base, uint32_t k0, uint32_t k1,
-                                                           uint32_t (&w)[4][math::kLanes]) {
+__attribute__((target("avx512f"))) void philox_blocks_avx512(uint64_t c_base, uint32_t k0, uint32_t k1, Words& w) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(math::kPhiloxM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(math::kPhiloxM1));
-  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(c_base)),
-                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  __m512i c1 = _mm512_set1_epi32(static_cast<int>(c_base >> 32));
-  __m512i c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
-  __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
   const __m512i w0 = _mm512_set1_epi32(static_cast<int>(math::kPhiloxW0));
   const __m512i w1 = _mm512_set1_epi32(static_cast<int>(math::kPhiloxW1));
+  const __m512i lanes = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   constexpr __mmask16 odd = 0xAAAA;
+  __m512i c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+  for (int b = 0; b < kBlocks; ++b) {
+    const uint64_t base = c_base + static_cast<uint64_t>(b) * math::kLanes;
+    c0[b] = _mm512_add_epi32(_mm512_set1_epi32(static_cast<int>(base)), lanes);
+    c1[b] = _mm512_set1_epi32(static_cast<int>(base >> 32));
+    c2[b] = _mm512_setzero_si512();
+    c3[b] = _mm512_setzero_si512();
+  }
+  __m512i key0 = _mm512_set1_epi32(static_cast<int>(k0)), key1 = _mm512_set1_epi32(static_cast<int>(k1));
   for (int r = 0; r < math::kPhiloxRounds; ++r) {
-    const __m512i e0 = _mm512_mul_epu32(c0, m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0, 32), m0);
-    const __m512i e1 = _mm512_mul_epu32(c2, m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2, 32), m1);
-    const __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e0, 32), o0);
-    const __m512i lo0 = _mm512_mask_blend_epi32(odd, e0, _mm512_slli_epi64(o0, 32));
-    const __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e1, 32), o1);
-    const __m512i lo1 = _mm512_mask_blend_epi32(odd, e1, _mm512_slli_epi64(o1, 32));
-    c0 = _mm512_ternarylogic_epi32(hi1, c1, key0, 0x96);  // hi1 ^ c1 ^ k0
-    c2 = _mm512_ternarylogic_epi32(hi0, c3, key1, 0x96);  // hi0 ^ c3 ^ k1
-    c1 = lo1;
-    c3 = lo0;
+    for (int b = 0; b < kBlocks; ++b) {
+      const __m512i e0 = _mm512_mul_epu32(c0[b], m0), o0 = _mm512_mul_epu32(_mm512_srli_epi64(c0[b], 32), m0);
+      const __m512i e1 = _mm512_mul_epu32(c2[b], m1), o1 = _mm512_mul_epu32(_mm512_srli_epi64(c2[b], 32), m1);
+      const __m512i hi0 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e0, 32), o0);
+      const __m512i lo0 = _mm512_mask_blend_epi32(odd, e0, _mm512_slli_epi64(o0, 32));
+      const __m512i hi1 = _mm512_mask_blend_epi32(odd, _mm512_srli_epi64(e1, 32), o1);
+      const __m512i lo1 = _mm512_mask_blend_epi32(odd, e1, _mm512_slli_epi64(o1, 32));
+      c0[b] = _mm512_ternarylogic_epi32(hi1, c1[b], key0, 0x96);  // hi1 ^ c1 ^ k0
+      c2[b] = _mm512_ternarylogic_epi32(hi0, c3[b], key1, 0x96);  // hi0 ^ c3 ^ k1
+      c1[b] = lo1;
+      c3[b] = lo0;
+    }
     key0 = _mm512_add_epi32(key0, w0);
     key1 = _mm512_add_epi32(key1, w1);
   }
-  _mm512_storeu_si512(w[0], c0);
-  _mm512_storeu_si512(w[1], c1);
-  _mm512_storeu_si512(w[2], c2);
-  _mm512_storeu_si512(w[3], c3);
+  for (int b = 0; b < kBlocks; ++b) {
+    _mm512_storeu_si512(w[b][0], c0[b]);
+    _mm512_storeu_si512(w[b][1], c1[b]);
+    _mm512_storeu_si512(w[b][2], c2[b]);
+    _mm512_storeu_si512(w[b][3], c3[b]);
+  }
 }
 const bool kHasAvx512 = __builtin_cpu_supports("avx512f");
 #else
 constexpr bool kHasAvx512 = false;
-void philox_block_avx512(uint64_t, uint32_t, uint32_t, uint32_t (&)[4][math::kLanes]) {}
+void philox_blocks_avx512(uint64_t, uint32_t, uint32_t, Words&) {}
 #endif
 
-RX_CLONES void philox_block_generic(uint64_t c_base, uint32_t k0, uint32_t k1, uint32_t (&w)[4][math::kLanes]) {
-  for (int l = 0; l < math::kLanes; ++l) {
-    const math::Philox4 r = math::philox4x32_10(c_base + l, k0, k1);
-    w[0][l] = r.w[0]; w[1][l] = r.w[1]; w[2][l] = r.w[2]; w[3][l] = r.w[3];
-  }
+RX_CLONES void philox_blocks_generic(uint64_t c_base, uint32_t k0, uint32_t k1, Words& w) {
+  for (int b = 0; b < kBlocks; ++b)
+    for (int l = 0; l < math::kLanes; ++l) {
+      const math::Philox4 r = math::philox4x32_10(c_base + b * math::kLanes + l, k0, k1);
+      w[b][0][l] = r.w[0]; w[b][1][l] = r.w[1]; w[b][2][l] = r.w[2]; w[b][3][l] = r.w[3];
+    }
 }
 
-// Elements [begin, end) of the logical index space. Whole 64-element Philox blocks take 16 counters at
-// once; the ragged ends take one word per element.
+// Elements [begin, end) of the logical index space, in runs of kBlocks aligned 64-element Philox blocks:
+// each run's words are computed at once and stored for the run's elements inside [begin, end).
 template <typename S>
 RX_CLONES void random_init_row(S* __restrict out, const S* __restrict x, int64_t begin, int64_t end,
                                uint32_t k0, uint32_t k1, compute_t<S> eps, compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
-  auto one = [&](int64_t i) {
-    const math::Philox4 r = math::philox4x32_10(math::philox_counter(i), k0, k1);
-    out[i] = static_cast<S>(math::random_init<T>(static_cast<T>(x[i]), r.w[math::philox_word(i)], eps, lo, hi));
-  };
-  int64_t i = begin;
-  const int64_t head_end = std::min(end, (begin + math::kBlock - 1) / math::kBlock * math::kBlock);
-  for (; i < head_end; ++i) one(i);
-  for (; i + math::kBlock <= end; i += math::kBlock) {
-    const uint64_t c_base = static_cast<uint64_t>(i / math::kBlock) * math::kLanes;
-    uint32_t w[4][math::kLanes];
+  constexpr int64_t kStep = kBlocks * math::kBlock;
+  for (int64_t i = begin; i < end;) {
+    const int64_t run = i / math::kBlock * math::kBlock;
+    const int64_t stop = std::min(end, run + kStep);
+    Words w;
+    const uint64_t c_base = static_cast<uint64_t>(run / math::kBlock) * math::kLanes;
     if (kHasAvx512) {
-      philox_block_avx512(c_base, k0, k1, w);
+      philox_blocks_avx512(c_base, k0, k1, w);
     } else {
-      philox_block_generic(c_base, k0, k1, w);
+      philox_blocks_generic(c_base, k0, k1, w);
     }
-    // w[k][l] belongs to element i + 16 k + l: w's memory order is the elements' order.
-    const uint32_t* words = &w[0][0];
-#pragma GCC unroll 1
-    for (int j = 0; j < math::kBlock; ++j)
-      out[i + j] = static_cast<S>(math::random_init<T>(static_cast<T>(x[i + j]), words[j], eps, lo, hi));
+    // w[b][k][l] belongs to element run + 64 b + 16 k + l: w's memory order is the elements' order.
+    const uint32_t* __restrict words = &w[0][0][0];
+    for (int64_t j = i; j < stop; ++j)
+      out[j] = static_cast<S>(math::random_init<T>(static_cast<T>(x[j]), words[j - run], eps, lo, hi));
+    i = stop;
   }
-  for (; i < end; ++i) one(i);
 }
 
 // Elements per task: below this a second thread costs more than it saves.
