@@ -106,6 +106,9 @@ def parse_args(argv=None):
                    help="use inductor's on-disk cache; by default a fresh one, so compile seconds are cold")
     p.add_argument("--min-run-time", type=float, default=None,
                    help="seconds per blocked_autorange measurement (default 0.2; 0.05 with --quick)")
+    p.add_argument("--rounds", type=int, default=None,
+                   help="measure every config this many times and keep each figure's fastest round: background "
+                        "load only ever adds time (default 3; 1 with --quick)")
     p.add_argument("--out", default="benchmarks/results/bench_ops.json", help="JSON output path")
     return p.parse_args(argv)
 
@@ -252,7 +255,16 @@ def bench_config(shape, dtype, threads, device, min_run_time, compiled, gen):
     run("init.torchattacks", "torch.clamp(x + torch.empty_like(x).uniform_(-eps, eps), min=0, max=1)")
     run("init.eager_inplace", "buf.uniform_(-eps, eps).add_(x).clamp_(0, 1)", buf=x)
 
-    esize = x.element_size()
+    return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "threads": threads,
+            "device": str(device), "numel": n, "element_size": x.element_size(),
+            "step_bytes": STREAMS["step"] * x.element_size() * n, "compile_s": compile_s or None, "timings": t}
+
+
+def finish_config(rounds):
+    """One config's record from its rounds: each figure's fastest round, then bandwidth and ratios."""
+    first = rounds[0]
+    t = {key: min((rd["timings"][key] for rd in rounds), key=lambda m: m["median_s"]) for key in first["timings"]}
+    n, esize = first["numel"], first["element_size"]
     for key, m in t.items():
         nbytes = STREAMS[key.split(".")[0]] * esize * n
         m["ns_per_elem"] = m["median_s"] * 1e9 / n
@@ -267,10 +279,7 @@ def bench_config(shape, dtype, threads, device, min_run_time, compiled, gen):
     for name, num, den in INFO_RATIOS:
         ratios[name] = {"value": t[num]["median_s"] / t[den]["median_s"], "target": None, "status": "INFO"}
 
-    return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "threads": threads,
-            "device": str(device), "numel": n, "element_size": esize,
-            "step_bytes": STREAMS["step"] * esize * n, "compile_s": compile_s or None,
-            "timings": t, "ratios": ratios}
+    return dict(first, timings=t, ratios=ratios, rounds=len(rounds))
 
 
 def call_overhead(device, min_run_time):
@@ -342,6 +351,7 @@ def main(argv=None):
         raise SystemExit(f"--dtypes: unknown {e}, expected some of {','.join(DTYPES)}") from None
     threads = parse_threads(args.threads, device)
     min_run_time = args.min_run_time or (0.05 if args.quick else 0.2)
+    rounds = args.rounds or (1 if args.quick else 3)
 
     backend = robust_ext.backend()
     if backend.get(device.type) != "extension":
@@ -356,7 +366,7 @@ def main(argv=None):
         "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else None,
         "threads": threads, "dtypes": [str(d).replace("torch.", "") for d in dtypes],
-        "shapes": [list(s) for s in shapes], "min_run_time_s": min_run_time,
+        "shapes": [list(s) for s in shapes], "min_run_time_s": min_run_time, "rounds": rounds,
         "alpha": ALPHA, "eps": EPS, "loadavg_start": os.getloadavg(),
         "bytes_per_element_moved": {k: f"{v} x element_size" for k, v in STREAMS.items()},
     }
@@ -384,7 +394,8 @@ def main(argv=None):
     for shape in shapes:
         for dtype in dtypes:
             for n in threads:
-                r = bench_config(shape, dtype, n, device, min_run_time, compiled, gen)
+                r = finish_config([bench_config(shape, dtype, n, device, min_run_time, compiled, gen)
+                                   for _ in range(rounds)])
                 print_config(r)
                 results.append(r)
     torch.set_num_threads(os.cpu_count())

@@ -351,6 +351,26 @@ def test_amp_bf16_on_cpu_similar_strength(digits):
     torch.testing.assert_close(explicit, x_amp, rtol=0, atol=0)
 
 
+class _FooledOnlyUnderAutocast(torch.nn.Module):
+    """Predicts class 0 in full precision, class 1 under autocast; the logits depend on the input."""
+
+    def forward(self, x):
+        s = x.flatten(1).sum(1, keepdim=True)
+        wrong = torch.is_autocast_enabled(x.device.type)
+        return torch.cat([s * 0 + (0.0 if wrong else 10.0), s * 0 + (10.0 if wrong else 0.0), 0.01 * s], dim=1)
+
+
+def test_amp_early_stop_confirms_in_full_precision():
+    """A row that looks fooled only under autocast stays in the batch: the result is the last iterate."""
+    x, y = torch.rand(6, 1, 4, 4), torch.zeros(6, dtype=torch.int64)
+    model = _FooledOnlyUnderAutocast()
+    kw = dict(eps=0.2, alpha=0.05, steps=4, amp=True)
+    stopped = A.pgd(model, x, y, early_stop=True, generator=gen(), **kw)
+    full = A.pgd(model, x, y, early_stop=False, generator=gen(), **kw)
+    torch.testing.assert_close(stopped, full, rtol=0, atol=0)
+    assert (stopped - x).abs().amax() > 0.1  # it did move: the iterates went on
+
+
 def test_works_under_outer_autocast(digits):
     model, x, y = digits
     with torch.autocast("cpu", dtype=torch.bfloat16):

@@ -48,6 +48,18 @@ class Objective:
         # A model whose output ignores its input has no gradient: nothing to follow, so nothing moves.
         return (torch.zeros_like(x_adv) if g is None else g), logits.detach()
 
+    def confirmed(self, x_adv, y, hit):
+        """``hit`` with every row that looks fooled under autocast re-checked by a full-precision forward:
+        early stop must not keep a point that the model in full precision still classifies correctly."""
+        if self.amp_dtype is None:
+            return hit
+        idx = hit.nonzero().squeeze(1)
+        if idx.numel() == 0:
+            return hit
+        with torch.no_grad():
+            ok = self.success(self.model(x_adv.index_select(0, idx)), y.index_select(0, idx))
+        return hit.index_put((idx,), ok)
+
     def success(self, logits, y):
         pred = logits.argmax(1)
         return pred == y if self.targeted else pred != y
@@ -100,8 +112,8 @@ def _iterate_early_stop(obj, x, y, x_adv, alpha, eps, steps, lo, hi, rows, out, 
     for _ in range(steps):
         grad, logits = obj.grad(x_adv, y)
         x_adv = x_adv.detach()
-        hit = obj.success(logits, y)
-        keep = (~hit).nonzero().squeeze(1)  # the host sync early stop needs, once per step
+        hit = obj.confirmed(x_adv, y, obj.success(logits, y))
+        keep = (~hit).nonzero().squeeze(1)  # the host sync early stop needs, once per step (twice with amp)
         if keep.numel() < rows.numel():
             fooled = hit.nonzero().squeeze(1)
             out.index_copy_(0, rows[fooled], x_adv[fooled])
