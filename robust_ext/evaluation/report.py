@@ -8,34 +8,13 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from .._json import decode, encode
+
 PathLike = Union[str, "os.PathLike[str]"]
-_NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 # Only numbers are decoded, so that a model called "inf" stays a string: the free-text parts are skipped,
 # and in the config only its numeric entries are decoded.
 _TEXT = ("warnings", "plots")
 _CONFIG_NUMBERS = ("eps", "clip_min", "clip_max", "large_eps", "target_accuracy")
-
-
-def encode(value):
-    """``value`` with every non-finite float as the string "inf", "-inf" or "nan", so that it is strict JSON."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
-    if isinstance(value, dict):
-        return {k: encode(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [encode(v) for v in value]
-    return value
-
-
-def decode(value):
-    """Inverse of :func:`encode`."""
-    if isinstance(value, str) and value in _NONFINITE:
-        return _NONFINITE[value]
-    if isinstance(value, dict):
-        return {k: decode(v) for k, v in value.items()}
-    if isinstance(value, list):
-        return [decode(v) for v in value]
-    return value
 
 
 def _num(value, spec: str = ".4g") -> str:

@@ -13,7 +13,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from ._inputs import as_batches, check_eps, check_seed, eval_mode, generator, model_info, predict, resolve_device, \
     rng_devices
-from .report import decode, encode
+from .._json import decode, encode
 from .specs import resolve_attack
 
 # The random stream key evaluate() gives its first attack at its first ε: the diagonal of a transfer matrix

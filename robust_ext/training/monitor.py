@@ -4,25 +4,15 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from .._json import encode
+
 log = logging.getLogger(__name__)
-
-
-def _plain(value: Any) -> Any:
-    """JSON-safe: non-finite floats become the strings "NaN"/"Infinity"/"-Infinity" (strict JSON has none)."""
-    if isinstance(value, float) and not math.isfinite(value):
-        return "NaN" if math.isnan(value) else ("Infinity" if value > 0 else "-Infinity")
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 class MetricsLog:
@@ -39,7 +29,7 @@ class MetricsLog:
 
     def write(self, event: str, **fields: Any) -> None:
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        self._file.write(json.dumps(_plain(record), allow_nan=False) + "\n")
+        self._file.write(json.dumps(encode(record), allow_nan=False) + "\n")
         self._file.flush()
 
     def close(self) -> None:
