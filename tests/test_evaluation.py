@@ -429,6 +429,15 @@ def test_large_eps_check_is_not_limited_by_a_fixed_small_step(digits):
     assert report.warnings == []
 
 
+def test_fgsm_beyond_an_iterative_attacks_reach_is_no_masking_sign(digits):
+    """BIM with alpha * steps = 0.02 cannot reach eps = 0.3; FGSM at 0.3 beating it is expected, not masking."""
+    model, test = digits
+    report = _masking(model, test, ["fgsm", make_attack("pgd", steps=2, alpha=0.01, random_start=False)],
+                      [0.02, 0.3], n=64)
+    assert report.accuracy("fgsm", 0.3) < report.accuracy("pgd", 0.3) - 0.1
+    assert report.warnings == []
+
+
 def test_rounding_the_input_masks_the_gradient(digits):
     model, test = digits
     report = _masking(_Wrap(model, lambda x: torch.round(x * 16) / 16), test, ["fgsm", "pgd"], [0.1, 0.2])

@@ -48,6 +48,15 @@ def _pgd_spec(specs):
     return next((s for s in specs if s.kind == "pgd" and s.per_sample_eps), None) or make_attack("pgd")
 
 
+def _reachable(spec, grid, accuracy):
+    """An iterative attack's accuracies, NaN where its fixed step cannot cover ε (alpha · steps < ε): there
+    a single FGSM step of ε beating it says nothing about the gradients."""
+    alpha, steps = spec.params.get("alpha"), spec.params.get("steps")
+    if spec.kind != "pgd" or alpha is None or steps is None:
+        return accuracy
+    return [a if alpha * steps >= e * (1 - 1e-9) else math.nan for e, a in zip(grid, accuracy)]
+
+
 def _large_eps_spec(pgd):
     """The PGD of the large-ε check: the evaluation's own, unless its fixed step cannot cover that ε
     (alpha · steps below it), then one with the same steps and the default step size 2.5 ε / steps."""
@@ -178,8 +187,8 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
 
     zero_grad_fraction = zero_grad / n
     big_check = (big, big_robust / n) if big is not None else None
-    masking = gradient_masking_warnings(grid, [(s.name, s.kind, results[s.name]["accuracy"]) for s in specs], n,
-                                        zero_grad_fraction, big_check, thresholds)
+    masking = gradient_masking_warnings(grid, [(s.name, s.kind, _reachable(s, grid, results[s.name]["accuracy"]))
+                                               for s in specs], n, zero_grad_fraction, big_check, thresholds)
     for message in issues:
         warnings.warn(message, EvaluationWarning, stacklevel=2)
     for message in masking:
