@@ -251,7 +251,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, **extra: Any) -> Path:
             os.fsync(dir_fd)
         finally:
             os.close(dir_fd)
-    log.info("saved %s checkpoint to %s", arch, path)
+    log.debug("saved %s checkpoint to %s", arch, path)
     return path
 
 
