@@ -18,11 +18,26 @@ inline bool is_supported_float(at::ScalarType t) {
   return t == at::kFloat || t == at::kDouble || t == at::kHalf || t == at::kBFloat16;
 }
 
+// The storage dtypes every op takes.
+#define RX_DISPATCH_FLOATS(dtype, name, ...) \
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
+
+// The ops have no derivative: refuse inputs autograd would differentiate instead of silently dropping
+// or mis-attributing gradients.
+inline void check_no_grad(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(!(c10::GradMode::is_enabled() && t.requires_grad()), name,
+              " requires grad, but robust_ext ops are not differentiable; call them under torch.no_grad() "
+              "or pass ", name, ".detach()");
+}
+
 inline void check_image(const at::Tensor& t, const char* name) {
   TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
   TORCH_CHECK(is_supported_float(t.scalar_type()), name,
               " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+  check_no_grad(t, name);
 }
+
+
 
 inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   check_image(t, name);
@@ -51,19 +66,20 @@ inline void check_budget(double value, const c10::optional<at::Tensor>& per_samp
     return;
   }
   const at::Tensor& t = *per_sample;
-  TORCH_CHECK(at::isFloatingType(t.scalar_type()), name,
-              " as a tensor must have a floating-point dtype, got ", t.scalar_type());
+  TORCH_CHECK(is_supported_float(t.scalar_type()), name,
+              " as a tensor must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
   TORCH_CHECK(x.dim() >= 1, name, " is a per-sample tensor, so x needs a batch dimension (dim 0), got a 0-d x");
   TORCH_CHECK(t.dim() == 1 && t.size(0) == x.size(0), name,
               " as a tensor must be 1-D with one value per sample (", x.size(0), "), got shape ", t.sizes());
   TORCH_CHECK(t.device() == x.device(), name, " must be on the same device as x (", x.device(), "), got ",
               t.device());
+  check_no_grad(t, name);
   if (t.numel() == 0) return;
   const char* what = non_negative ? " must be >= 0 and not NaN for every sample" : " must not be NaN for any sample";
   if (t.is_cpu()) {  // a plain loop: no temporaries on the per-step path
     const at::Tensor c = t.contiguous();
     bool bad = false;
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, c.scalar_type(), "check_budget", [&] {
+    RX_DISPATCH_FLOATS(c.scalar_type(), "check_budget", [&] {
       const scalar_t* p = c.data_ptr<scalar_t>();
       for (int64_t i = 0; i < c.numel(); ++i) {
         const double v = static_cast<double>(p[i]);
@@ -73,19 +89,16 @@ inline void check_budget(double value, const c10::optional<at::Tensor>& per_samp
     TORCH_CHECK(!bad, name, what);
   } else {
     const at::Tensor bad = non_negative ? t.lt(0).logical_or_(t.isnan()).any() : t.isnan().any();
-    at::_assert_async(bad.logical_not(), non_negative ? "robust_ext: eps must be >= 0 for every sample"
-                                                      : "robust_ext: alpha must not be NaN");
+    at::_assert_async(bad.logical_not(), non_negative ? "robust_ext: a per-sample eps/alpha is negative or NaN"
+                                                      : "robust_ext: a per-sample alpha is NaN");
   }
 }
 
-// Writing into x_adv must not corrupt it: no element may alias another, x_adv may not partly overlap an
-// input, and autograd must not lose track of a leaf it differentiates.
+// Writing into x_adv must not corrupt it: no element may alias another, and x_adv may not partly overlap
+// an input. (That it does not require grad, check_image has already made sure.)
 inline void check_writable(const at::Tensor& x_adv, std::initializer_list<at::Tensor> inputs) {
   at::assert_no_internal_overlap(x_adv);
   for (const auto& t : inputs) at::assert_no_partial_overlap(x_adv, t);
-  TORCH_CHECK(!(c10::GradMode::is_enabled() && x_adv.requires_grad() && x_adv.is_leaf()),
-              "x_adv is a leaf tensor that requires grad and cannot be updated in place; update it under "
-              "torch.no_grad() or pass x_adv.detach()");
 }
 
 }  // namespace robust_ext

@@ -12,10 +12,6 @@
 
 namespace robust_ext {
 
-// The storage dtypes every op takes.
-#define RX_DISPATCH_FLOATS(dtype, name, ...) \
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, dtype, name, __VA_ARGS__)
-
 // alpha or eps as a kernel sees it: one value, or `per_sample` (contiguous, compute dtype) indexed by
 // sample.
 struct Budget {

@@ -166,14 +166,16 @@ def cmd_attack(args) -> int:
         chunks.append(run(x[start:start + args.batch_size], y[start:start + args.batch_size]))
     x_adv = torch.cat(chunks)
     with torch.no_grad():
-        clean_pred, adv_pred = model(x).argmax(1), model(x_adv).argmax(1)
+        clean_pred = torch.cat([model(b).argmax(1) for b in x.split(args.batch_size)])
+        adv_pred = torch.cat([model(b).argmax(1) for b in x_adv.split(args.batch_size)])
     correct = clean_pred == y
     robust = correct & (adv_pred == y)
     linf, l2 = perturbation_norms(x_adv, x)
     norms = {"linf_mean": linf.mean().item(), "linf_max": linf.max().item(), "l2_mean": l2.mean().item(),
              "l2_max": l2.max().item()}
     result = {"model": args.model, "data": args.data, "split": args.split, "n": len(x), "attack": args.attack,
-              "eps": args.eps, "alpha": alpha if args.attack in ("bim", "pgd") else None, "steps": args.steps,
+              "eps": args.eps, "alpha": alpha if args.attack in ("bim", "pgd") else None,
+              "steps": args.steps if args.attack in ("bim", "pgd") else 1,
               "clean_accuracy": correct.float().mean().item(), "robust_accuracy": robust.float().mean().item(),
               "success_rate": ((correct & ~robust).sum() / correct.sum().clamp_min(1)).item(), "norms": norms}
     torch.save({"x_adv": x_adv, "y": y, "clean_pred": clean_pred, "adv_pred": adv_pred}, out / "adversarial.pt")
@@ -256,7 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
         if name == "attack":
             a.add_argument("--attack", default="pgd", help=f"one of {', '.join(ATTACKS)}")
             a.add_argument("--eps", type=float, default=0.1)
-            a.add_argument("--alpha", type=float, default=None, help="default 2.5 * eps / steps")
+            a.add_argument("--alpha", type=float, default=None, help="step of bim/pgd (default 2.5 * eps / steps)")
             a.add_argument("--restarts", type=int, default=1)
             a.add_argument("--batch-size", type=int, default=256)
         else:

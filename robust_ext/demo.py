@@ -45,8 +45,9 @@ def _attacks(steps: int, amp):
 
 def _train_one(method: str, out: Path, train_set, test_set, *, epochs: int, eps: float, amp, seed: int,
                progress: bool):
-    torch.manual_seed(seed)
-    model = SmallCNN()
+    with torch.random.fork_rng(devices=[]):  # a seeded initialization, the caller's RNG untouched
+        torch.manual_seed(seed)
+        model = SmallCNN()
     config = TrainConfig(method=method, epochs=epochs, batch_size=128, lr=1e-3, optimizer="adam",
                          eps=eps if method != "standard" else None, eval_eps=eps, eval_steps=10,
                          eval_samples=256, amp=amp, channels_last=bool(amp), seed=seed, out_dir=out,

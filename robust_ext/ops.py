@@ -148,10 +148,11 @@ def fgsm(x, grad, eps, clip_min=0.0, clip_max=1.0):
 
 
 def _seed(x, generator):
-    """A 64-bit Philox key drawn from ``generator`` (default: the default generator of x's device)."""
+    """A 64-bit Philox key drawn from ``generator``, by default from the CPU default generator whatever x's
+    device: a CPU scalar (no device sync), and the same noise on every device for one torch.manual_seed."""
     if generator is not None and not isinstance(generator, torch.Generator):
         raise TypeError(f"generator must be a torch.Generator or None, got {type(generator).__name__}")
-    device = generator.device if generator is not None else x.device
+    device = generator.device if generator is not None else torch.device("cpu")
     if device.type != "cpu" and device != x.device:
         raise ValueError(f"generator must be a CPU generator or on x's device ({x.device}), got {device}")
     return torch.randint(-2**63, 2**63 - 1, (), dtype=torch.int64, device=device, generator=generator)
@@ -161,8 +162,8 @@ def linf_random_init(x, eps, clip_min=0.0, clip_max=1.0, generator=None):
     """A uniform random start in the eps-ball: ``clip(x + U(-eps, eps))``.
 
     The noise comes from Philox4x32-10 inside the kernel, keyed by one 64-bit draw from ``generator``
-    (or the default generator): ``torch.manual_seed`` or a seeded ``torch.Generator`` reproduces it, and
-    it is the same for any thread count and any memory layout of ``x``. Resolution: 24 random bits per
+    (default: the CPU default generator): ``torch.manual_seed`` or a seeded ``torch.Generator``
+    reproduces it, and it is the same for any thread count, memory layout of ``x`` and device. Resolution: 24 random bits per
     element for float32/float16/bfloat16, 32 for float64.
     """
     impl = _impl(x)
@@ -195,14 +196,12 @@ def _register_fakes():
 
     @torch.library.register_fake(lib + "fgsm")
     def _(x, grad, eps, clip_min, clip_max, eps_t=None):
-        reference._check_like(grad, "grad", x, "x")
-        reference._check_budget(eps, eps_t, "eps", True, x, values=False)
+        reference._check_fgsm(x, grad, eps, clip_min, clip_max, eps_t, values=False)
         return torch.empty_like(x)
 
     @torch.library.register_fake(lib + "linf_random_init")
     def _(x, eps, clip_min, clip_max, seed, eps_t=None):
-        reference._check_image(x, "x")
-        reference._check_budget(eps, eps_t, "eps", True, x, values=False)
+        reference._check_random_init(x, eps, clip_min, clip_max, seed, eps_t, values=False)
         return torch.empty_like(x)
 
 

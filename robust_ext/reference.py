@@ -21,6 +21,13 @@ def _check_image(t, name):
         raise RuntimeError(f"{name} must be a tensor, got {type(t).__name__}")
     if t.dtype not in _FLOATS:
         raise RuntimeError(f"{name} must be float32, float64, float16 or bfloat16, got {t.dtype}")
+    _check_no_grad(t, name)
+
+
+def _check_no_grad(t, name):
+    if torch.is_grad_enabled() and t.requires_grad:
+        raise RuntimeError(f"{name} requires grad, but robust_ext ops are not differentiable; call them under "
+                           f"torch.no_grad() or pass {name}.detach()")
 
 
 def _check_like(t, name, ref, ref_name):
@@ -48,8 +55,8 @@ def _check_budget(value, per_sample, name, non_negative, x, values=True):
             raise RuntimeError(f"{name} must be >= 0, got {value}")
         return
     t = per_sample
-    if not t.is_floating_point():
-        raise RuntimeError(f"{name} as a tensor must have a floating-point dtype, got {t.dtype}")
+    if t.dtype not in _FLOATS:
+        raise RuntimeError(f"{name} as a tensor must be float32, float64, float16 or bfloat16, got {t.dtype}")
     if x.dim() < 1:
         raise RuntimeError(f"{name} is a per-sample tensor, so x needs a batch dimension (dim 0), got a 0-d x")
     if t.dim() != 1 or t.shape[0] != x.shape[0]:
@@ -57,18 +64,13 @@ def _check_budget(value, per_sample, name, non_negative, x, values=True):
                            f"got shape {list(t.shape)}")
     if t.device != x.device:
         raise RuntimeError(f"{name} must be on the same device as x ({x.device}), got {t.device}")
+    _check_no_grad(t, name)
     if not values or not t.numel():  # fake tensors have no values to check
         return
     bad = ((t < 0) | t.isnan()).any() if non_negative else t.isnan().any()
     if bool(bad):
         raise RuntimeError(f"{name} must be >= 0 and not NaN for every sample" if non_negative
                            else f"{name} must not be NaN for any sample")
-
-
-def _check_writable(x_adv):
-    if torch.is_grad_enabled() and x_adv.requires_grad and x_adv.is_leaf:
-        raise RuntimeError("x_adv is a leaf tensor that requires grad and cannot be updated in place; update it "
-                           "under torch.no_grad() or pass x_adv.detach()")
 
 
 def _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=True):
@@ -126,7 +128,6 @@ def linf_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_
 
 def linf_step_(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
     _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t)
-    _check_writable(x_adv)
     x_adv.copy_(_step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t))
 
 
@@ -144,15 +145,26 @@ def linf_project(x_adv, x, eps, clip_min, clip_max, eps_t=None):
 
 def linf_project_(x_adv, x, eps, clip_min, clip_max, eps_t=None):
     _check_project(x_adv, x, eps, clip_min, clip_max, eps_t)
-    _check_writable(x_adv)
     x_adv.copy_(_project_math(x_adv, x, eps, clip_min, clip_max, eps_t))
 
 
-def fgsm(x, grad, eps, clip_min, clip_max, eps_t=None):
+def _check_fgsm(x, grad, eps, clip_min, clip_max, eps_t, values=True):
     _check_image(x, "x")
     _check_like(grad, "grad", x, "x")
-    _check_budget(eps, eps_t, "eps", True, x)
+    _check_budget(eps, eps_t, "eps", True, x, values)
     _check_bounds(clip_min, clip_max)
+
+
+def _check_random_init(x, eps, clip_min, clip_max, seed, eps_t, values=True):
+    _check_image(x, "x")
+    _check_budget(eps, eps_t, "eps", True, x, values)
+    _check_bounds(clip_min, clip_max)
+    if not (isinstance(seed, torch.Tensor) and seed.dim() == 0 and seed.dtype == torch.int64):
+        raise RuntimeError("seed must be a 0-d int64 tensor")
+
+
+def fgsm(x, grad, eps, clip_min, clip_max, eps_t=None):
+    _check_fgsm(x, grad, eps, clip_min, clip_max, eps_t)
     ct = compute_dtype(x.dtype)
     e = _budget(eps, eps_t, x)
     out = torch.empty_like(x)
@@ -206,11 +218,7 @@ def unit_symmetric(r: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
 
 
 def linf_random_init(x, eps, clip_min, clip_max, seed, eps_t=None):
-    _check_image(x, "x")
-    _check_budget(eps, eps_t, "eps", True, x)
-    _check_bounds(clip_min, clip_max)
-    if not (isinstance(seed, torch.Tensor) and seed.dim() == 0 and seed.dtype == torch.int64):
-        raise RuntimeError("seed must be a 0-d int64 tensor")
+    _check_random_init(x, eps, clip_min, clip_max, seed, eps_t)
     ct = compute_dtype(x.dtype)
     out = torch.empty_like(x)
     if x.numel() == 0:

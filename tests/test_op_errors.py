@@ -31,8 +31,10 @@ class TestBadInput:
             ops.fgsm(xi, xi, 0.1)
         with err("x must be float32, float64, float16 or bfloat16"):
             ops.linf_random_init(xi.int(), 0.1)
-        with err("eps as a tensor must have a floating-point dtype"):
+        with err("eps as a tensor must be float32, float64, float16 or bfloat16"):
             ops.linf_step(X, X, X, 0.1, torch.ones(4, dtype=torch.int64))
+        with err("alpha as a tensor must be float32, float64, float16 or bfloat16"):
+            ops.linf_step(X, X, X, torch.ones(4).to(torch.float8_e4m3fn), 0.1)
 
     def test_negative_or_nan_eps(self):
         with err("eps must be >= 0"):
@@ -72,12 +74,26 @@ class TestBadInput:
 
     def test_inplace_on_leaf_requiring_grad(self):
         leaf = X.clone().requires_grad_(True)
-        with err("x_adv is a leaf tensor that requires grad"):
+        with err("x_adv requires grad, but robust_ext ops are not differentiable"):
             ops.linf_step_(leaf, X, X, 0.1, 0.1)
-        with err("x_adv is a leaf tensor that requires grad"):
+        with err("x_adv requires grad, but robust_ext ops are not differentiable"):
             ops.linf_project_(leaf, X, 0.1)
         with torch.no_grad():  # allowed, as for any in-place update of a leaf
             ops.linf_step_(leaf, X, X, 0.1, 0.1)
+
+    def test_no_silent_gradients(self):
+        """The ops have no derivative: inputs autograd would track are refused, not silently dropped."""
+        w = X.clone().requires_grad_(True)
+        with err("x_adv requires grad, but robust_ext ops are not differentiable"):
+            ops.linf_step_(w * 1.0, X, X, 0.1, 0.1)  # a non-leaf: autograd would keep MulBackward
+        with err("x requires grad, but robust_ext ops are not differentiable"):
+            ops.linf_project(X, w, 0.1)
+        with err("grad requires grad"):
+            ops.fgsm(X, w, 0.1)
+        with err("eps requires grad"):
+            ops.linf_step(X, X, X, 0.1, torch.full((4,), 0.1, requires_grad=True))
+        with torch.no_grad():
+            ops.linf_random_init(w, 0.1)
 
     def test_overlapping_output(self):
         with err("more than one element of the written-to tensor refers to a single memory location"):

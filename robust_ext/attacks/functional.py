@@ -39,7 +39,8 @@ def pgd(model, x, y, *, eps, alpha, steps, random_start=True, restarts=1, target
     target) and returns that iterate. For robust accuracy or success rate this is at least as strong as
     the final iterate and much faster; as training data it gives lower-loss examples than running every
     step. It syncs with the host once per step. A sample never fooled returns its last iterate. With
-    ``amp`` the check uses the autocast logits.
+    ``amp`` a row that looks fooled under autocast is confirmed by a full-precision forward
+    before it leaves.
 
     Returns:
         ``x_adv`` with ``|x_adv - x|inf <= eps`` and ``clip_min <= x_adv <= clip_max``, detached.

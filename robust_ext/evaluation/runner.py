@@ -57,10 +57,11 @@ def _reachable(spec, grid, accuracy):
     return [a if alpha * steps >= e * (1 - 1e-9) else math.nan for e, a in zip(grid, accuracy)]
 
 
-def _large_eps_spec(pgd):
+def _large_eps_spec(pgd, big):
     """The PGD of the large-ε check: the evaluation's own, unless its fixed step cannot cover that ε
     (alpha · steps below it), then one with the same steps and the default step size 2.5 ε / steps."""
-    if pgd.params.get("alpha") is None:
+    alpha = pgd.params.get("alpha")
+    if alpha is None or big is None or alpha * pgd.params["steps"] >= big:
         return pgd
     return make_attack("pgd", steps=pgd.params["steps"], amp=pgd.params.get("amp", False))
 
@@ -113,7 +114,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
             raise ValueError(f"min_eps needs a named attack (it bisects a per-sample eps), got {bisect.name!r}")
         eps_max = check_eps(max(grid) if eps_max is None else eps_max, "eps_max", positive=True)
         min_eps_tol = eps_max / 256 if min_eps_tol is None else check_eps(min_eps_tol, "min_eps_tol", positive=True)
-    big_pgd = _large_eps_spec(pgd)
+    big_pgd = _large_eps_spec(pgd, big)
     reuse_big = big is not None and any(s is big_pgd for s in specs) and any(math.isclose(big, e) for e in grid)
     batches = as_batches(data, batch_size, max_samples, data_name)
     dev = resolve_device(model, device)
