@@ -236,10 +236,13 @@ def _write_plots(report, model, examples, pgd, out: Path, eps, clip_min, clip_ma
     out.mkdir(parents=True, exist_ok=True)
     x, y = examples
     eps = check_eps(eps, "example_eps")
+    start = gen.get_state()  # both plots follow the same run: the same random start
     with eval_mode(model):
         x_adv = pgd(model, x, y, eps, clip_min=clip_min, clip_max=clip_max, generator=gen)
+    gen.set_state(start)
     probs, _ = pgd_trajectory(model, x, y, eps=eps, alpha=pgd.params.get("alpha"), steps=pgd.params.get("steps", 10),
-                              clip_min=clip_min, clip_max=clip_max, generator=gen)
+                              random_start=pgd.params.get("random_start", True), clip_min=clip_min,
+                              clip_max=clip_max, generator=gen)
     paths = [plots.plot_accuracy_curves(report, out / "accuracy_vs_eps.png"),
              plots.plot_adversarial_examples(model, x, y, x_adv, out / "adversarial_examples.png",
                                              title=f"{pgd.name}, eps = {eps:.4g}", clip_min=clip_min, clip_max=clip_max),
