@@ -116,8 +116,9 @@ def _iterate_early_stop(obj, x, y, x_adv, alpha, eps, steps, lo, hi, rows, out, 
         keep = (~hit).nonzero().squeeze(1)  # the host sync early stop needs, once per step (twice with amp)
         if keep.numel() < rows.numel():
             fooled = hit.nonzero().squeeze(1)
-            out.index_copy_(0, rows[fooled], x_adv[fooled])
-            done.index_fill_(0, rows[fooled], True)
+            fooled_rows = rows.index_select(0, fooled)
+            out.index_copy_(0, fooled_rows, x_adv.index_select(0, fooled))
+            done.index_fill_(0, fooled_rows, True)
             rows, x, y, x_adv, grad = (t.index_select(0, keep) for t in (rows, x, y, x_adv, grad))
             alpha, eps = _rows(alpha, keep), _rows(eps, keep)
             if rows.numel() == 0:
