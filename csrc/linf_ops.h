@@ -85,12 +85,9 @@ struct LinfOps {
 
   static void check_step(const Tensor& x_adv, const Tensor& grad, const Tensor& x, double alpha, double eps,
                          double lo, double hi, const OptTensor& alpha_t, const OptTensor& eps_t) {
-    check_image(x, "x");
-    check_like(x_adv, "x_adv", x, "x");
+    check_project(x_adv, x, eps, lo, hi, eps_t);
     check_like(grad, "grad", x, "x");
     check_budget(alpha, alpha_t, "alpha", false, x);
-    check_budget(eps, eps_t, "eps", true, x);
-    check_bounds(lo, hi);
   }
 
   static Tensor linf_step(const Tensor& x_adv, const Tensor& grad, const Tensor& x, double alpha, double eps,
@@ -160,7 +157,7 @@ struct LinfOps {
     check_image(x, "x");
     check_budget(eps, eps_t, "eps", true, x);
     check_bounds(lo, hi);
-    TORCH_CHECK(seed.defined() && seed.dim() == 0 && seed.scalar_type() == at::kLong, 
+    TORCH_CHECK(seed.defined() && seed.dim() == 0 && seed.scalar_type() == at::kLong,
                 "seed must be a 0-d int64 tensor, got ", seed.defined() ? seed.sizes() : at::IntArrayRef{});
     TORCH_CHECK(seed.is_cpu() || seed.device() == x.device(), "seed must be on the CPU or on x's device (",
                 x.device(), "), got ", seed.device());

@@ -74,12 +74,9 @@ def _check_budget(value, per_sample, name, non_negative, x, values=True):
 
 
 def _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=True):
-    _check_image(x, "x")
-    _check_like(x_adv, "x_adv", x, "x")
+    _check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values)
     _check_like(grad, "grad", x, "x")
     _check_budget(alpha, alpha_t, "alpha", False, x, values)
-    _check_budget(eps, eps_t, "eps", True, x, values)
-    _check_bounds(clip_min, clip_max)
 
 
 def _check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=True):

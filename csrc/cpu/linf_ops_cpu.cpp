@@ -25,18 +25,14 @@
 namespace robust_ext {
 namespace {
 
-// The row loops: one sample's contiguous run (or part of it) with scalar budgets. In-place calls
-// (out == x_adv) take their own loop: with a possible alias GCC only versions the loop and then runs the
-// scalar version. Inputs may equal `out` exactly (never partly overlap it: checks.h), which keeps
-// every element's reads before its write in vector code too.
-template <typename S>
-RX_CLONES void step_row(S* __restrict out, const S* xa, const S* __restrict g, const S* __restrict x,
-                        int64_t n, compute_t<S> alpha, compute_t<S> eps, compute_t<S> lo, compute_t<S> hi) {
-  using T = compute_t<S>;
-  auto f = [&](S v, int64_t i) {
-    return static_cast<S>(math::linf_step<T>(static_cast<T>(v), static_cast<T>(g[i]), static_cast<T>(x[i]),
-                                             alpha, eps, lo, hi));
-  };
+// The row loops: one sample's contiguous run (or part of it) with scalar budgets.
+//
+// out[i] = f(v_i, i) with v_i = xa[i]. In-place calls (out == x_adv) take their own loop: with a possible
+// alias GCC only versions the loop and then runs the scalar version. Inputs may equal `out` exactly (never
+// partly overlap it: checks.h), which keeps every element's reads before its write in vector code too.
+// Inlined into each target_clones row below, so it is vectorized for each ISA.
+template <typename S, typename F>
+C10_ALWAYS_INLINE void update_row(S* __restrict out, const S* xa, int64_t n, F f) {
   if (xa == out) {
     for (int64_t i = 0; i < n; ++i) out[i] = f(out[i], i);
   } else {
@@ -45,17 +41,22 @@ RX_CLONES void step_row(S* __restrict out, const S* xa, const S* __restrict g, c
 }
 
 template <typename S>
+RX_CLONES void step_row(S* __restrict out, const S* xa, const S* __restrict g, const S* __restrict x,
+                        int64_t n, compute_t<S> alpha, compute_t<S> eps, compute_t<S> lo, compute_t<S> hi) {
+  using T = compute_t<S>;
+  update_row(out, xa, n, [&](S v, int64_t i) {
+    return static_cast<S>(math::linf_step<T>(static_cast<T>(v), static_cast<T>(g[i]), static_cast<T>(x[i]),
+                                             alpha, eps, lo, hi));
+  });
+}
+
+template <typename S>
 RX_CLONES void project_row(S* __restrict out, const S* xa, const S* __restrict x, int64_t n, compute_t<S> eps,
                            compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
-  auto f = [&](S v, int64_t i) {
+  update_row(out, xa, n, [&](S v, int64_t i) {
     return static_cast<S>(math::linf_project<T>(static_cast<T>(v), static_cast<T>(x[i]), eps, lo, hi));
-  };
-  if (xa == out) {
-    for (int64_t i = 0; i < n; ++i) out[i] = f(out[i], i);
-  } else {
-    for (int64_t i = 0; i < n; ++i) out[i] = f(xa[i], i);
-  }
+  });
 }
 
 template <typename S>
