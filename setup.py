@@ -38,11 +38,11 @@ def ext_modules_and_cmdclass():
     with_cuda = mode == "cuda" or (mode == "auto" and has_cuda_torch and nvcc_found)
 
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = ["csrc/robust_ext.cpp", "csrc/cpu/linf_ops_cpu.cpp"]
+    sources = ["csrc/robust_ext.cpp", "csrc/cpu/linf_ops_cpu.cpp", "csrc/cpu/relu_pool_cpu.cpp"]
     torch_version = torch.__version__.split("+")[0]
     # -ffp-contract=off / --fmad=false: no fused multiply-add, so the kernels round exactly as
     # reference.py does (fp32/fp64 results are bit-identical).
-    cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", f'-DROBUST_EXT_TORCH_VERSION="{torch_version}"']
+    cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", f'-DROBUST_EXT_TORCH_VERSION="{torch_version}"']
     nvcc = ["-O3", "--fmad=false", "--extended-lambda", "--expt-relaxed-constexpr", "-lineinfo"]
     macros = []
     if with_cuda:

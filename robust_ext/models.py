@@ -26,6 +26,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .pooling import ReLUMaxPool2d
+
 log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -71,6 +73,9 @@ def _spec(model: nn.Module) -> Tuple[str, Dict[str, Any]]:
 class SmallCNN(nn.Module):
     """conv3x3(32) - ReLU - conv3x3(64) - ReLU - maxpool 2x2/2 - linear(num_classes); returns logits.
 
+    The last ReLU and the max-pool are one fused layer (:class:`robust_ext.pooling.ReLUMaxPool2d`: the
+    same values and gradients as ``nn.ReLU(), nn.MaxPool2d(2)``, and the same state_dict keys).
+
     MATLAB's example uses ``convolution2dLayer(3, 32, Padding=1)``: with the default ``padding=1`` both
     convolutions keep 28x28 and the linear layer is 64*14*14 -> 10; with ``padding=0`` it is 64*12*12 -> 10.
     ``input_size`` is an int or (H, W); its softmax layer is left to the loss.
@@ -88,8 +93,7 @@ class SmallCNN(nn.Module):
         self.input_hw = (h, w)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=padding), nn.ReLU(),
-            nn.Conv2d(32, 64, 3, padding=padding), nn.ReLU(),
-            nn.MaxPool2d(2, stride=2))
+            nn.Conv2d(32, 64, 3, padding=padding), ReLUMaxPool2d())
         self.classifier = nn.Linear(64 * out_h * out_w, num_classes)
         self.arch_config = {"in_channels": in_channels, "num_classes": num_classes,
                             "input_size": input_size if isinstance(input_size, int) else [h, w],

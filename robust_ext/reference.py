@@ -223,3 +223,8 @@ def linf_random_init(x, eps, clip_min, clip_max, seed, eps_t=None):
     u = unit_symmetric(philox_words(x.numel(), int(seed) & (2**64 - 1), x.device), ct).reshape(x.shape)
     out.copy_(torch.clamp(x.to(ct) + _budget(eps, eps_t, x) * u, clip_min, clip_max))
     return out
+
+
+def relu_max_pool2d(x):
+    """``max_pool2d(relu(x), kernel_size=2, stride=2)``: the fused pooling op's semantics, value and gradient."""
+    return torch.nn.functional.max_pool2d(torch.relu(x), 2)
