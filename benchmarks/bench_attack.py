@@ -159,15 +159,28 @@ def resnet_setup(batch: int, seed: int):
     return model, x, y, info
 
 
+def unfused_cnn(model: SmallCNN) -> SmallCNN:
+    """The same weights with plain ``nn.ReLU(), nn.MaxPool2d(2)`` instead of robust_ext's fused layer: the
+    CNN as a torchattacks user writes it (same values and gradients, slower ATen pooling)."""
+    plain = copy.deepcopy(model)
+    plain.features = nn.Sequential(*list(plain.features)[:3], nn.ReLU(), nn.MaxPool2d(2, stride=2))
+    return plain.eval()
+
+
 class Context:
-    """One model's attack inputs, in both layouts, and how to build every timed configuration."""
+    """One model's attack inputs, in both layouts, and how to build every timed configuration.
+
+    Mode ``fp32_unfused`` (CNN only) runs fp32 on :func:`unfused_cnn`; every other row runs the same module."""
 
     def __init__(self, model, x, y, eps, alpha, seed):
         self.model, self.x, self.y, self.eps, self.alpha, self.seed = model.eval(), x, y, eps, alpha, seed
         self.model_cl = copy.deepcopy(model).to(memory_format=torch.channels_last).eval()
         self.x_cl = x.contiguous(memory_format=torch.channels_last)
+        self.model_unfused = unfused_cnn(model) if isinstance(model, SmallCNN) else None
 
     def pick(self, mode):
+        if mode == "fp32_unfused":
+            return self.model_unfused, self.x
         return (self.model_cl, self.x_cl) if mode == "bf16_cl" else (self.model, self.x)
 
     def make(self, kind, mode, steps, early_stop=False, random_start=True, model_wrap=None, seed=None):
@@ -175,7 +188,7 @@ class Context:
         model, x = self.pick(mode)
         if model_wrap is not None:
             model = model_wrap(model)
-        y, eps, alpha, amp = self.y, self.eps, self.alpha, mode != "fp32"
+        y, eps, alpha, amp = self.y, self.eps, self.alpha, mode not in ("fp32", "fp32_unfused")
         seed = self.seed if seed is None else seed
         if kind == "ours":
             def fn():
@@ -217,6 +230,12 @@ def same_step_configs(steps):
 def es_configs(es_steps):
     return [(f"torchattacks.fp32.pgd{es_steps}", "torchattacks", "fp32", es_steps, False)] + \
            [(f"ours.es.{m}", "ours", m, es_steps, True) for m in MODES]
+
+
+def unfused_configs(steps, es_steps):
+    """torchattacks on the CNN written with nn.ReLU + nn.MaxPool2d (info rows, CNN only)."""
+    return [("torchattacks.fp32_unfused", "torchattacks", "fp32_unfused", steps, False),
+            (f"torchattacks.fp32_unfused.pgd{es_steps}", "torchattacks", "fp32_unfused", es_steps, False)]
 
 
 # ------------------------------------------------------------------------------------------ measuring
@@ -389,6 +408,14 @@ def targets(res, es, identity, strength, es_steps):
         d = acc[f"ours.es.{mode}"] - acc[base]
         add(f"early stop {mode}: robust acc - torchattacks'", d, "<= 0", d <= 1e-9)
         add(f"early stop {mode}: ours time / ideal (info)", e["ours_over_ideal"])
+    plain, plain_es = res.get("torchattacks.fp32_unfused"), res.get(f"torchattacks.fp32_unfused.pgd{es_steps}")
+    if plain is not None:  # what each toolkit's user runs: torchattacks on nn.ReLU + nn.MaxPool2d
+        for name in ("ours.fp32", "ours.bf16", "ours.bf16_cl"):
+            add(f"{name} / torchattacks on the unfused CNN, images/s (info)",
+                plain["median_s"] / res[name]["median_s"])
+        for mode in MODES:
+            add(f"ours.es.{mode} / torchattacks PGD-{es_steps} on the unfused CNN, images/s (info)",
+                plain_es["median_s"] / res[f"ours.es.{mode}"]["median_s"])
     return t
 
 
@@ -404,7 +431,7 @@ def strength(ctx, configs, seeds):
     0.8 points, and which samples survive depends on the start, so the targets compare pooled means."""
     out = {}
     for name, kind, mode, steps, es in configs:
-        if kind == "floor" or name == "torchattacks.bf16":
+        if kind == "floor" or name == "torchattacks.bf16" or mode == "fp32_unfused":
             continue
         accs = [robust_acc(ctx.model, ctx.make(kind, mode, steps, es, seed=ctx.seed + i)(), ctx.y)
                 for i in range(seeds)]
@@ -690,7 +717,8 @@ def main(argv=None):
         else:
             model, x, y, info = resnet_setup(args.batch, args.seed)
         ctx = Context(model, x, y, eps, alpha, args.seed)
-        configs = same_step_configs(args.steps) + (es_configs(args.es_steps) if name == "cnn" else [])
+        configs = same_step_configs(args.steps) + (
+            es_configs(args.es_steps) + unfused_configs(args.steps, args.es_steps) if name == "cnn" else [])
         entry = {"info": info, "eps": eps, "alpha": alpha, "input_shape": list(x.shape),
                  "clean_acc": robust_acc(model, x, y), "threads": {}}
         entry["identity"] = identity_check(ctx, args.steps)

@@ -9,8 +9,8 @@ fused op a few percent. Everywhere else (CUDA, no extension, ``ROBUST_EXT_BACKEN
 
 Values and gradients equal ATen's ``max_pool2d(relu(x), 2)`` exactly, NaN included (a NaN window gives
 NaN and its last NaN tap takes the gradient); ties go to the first tap in row-major order. The op is
-differentiable once (no double backward), traceable by ``torch.compile`` (fake kernels below), and
-keeps ``x``'s memory format (NCHW or channels_last).
+differentiable (double backward too, through a path of PyTorch ops), traceable by ``torch.compile``
+(fake kernels below), and keeps ``x``'s memory format (NCHW or channels_last).
 """
 from __future__ import annotations
 
@@ -64,7 +64,20 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_out, _grad_code):
     (code,) = ctx.saved_tensors
+    if torch.is_grad_enabled() and grad_out.requires_grad:  # create_graph=True: a differentiable scatter
+        return _scatter(grad_out, code, *ctx.in_hw)
     return torch.ops.robust_ext.relu_max_pool2d_backward.default(grad_out, code, *ctx.in_hw)
+
+
+def _scatter(grad_out, code, in_h, in_w):
+    """The backward in differentiable PyTorch ops (for double backward): each output's gradient to the
+    window tap its code names (0-3, row-major), nothing for code 4; zeros outside the windows."""
+    n, c, oh, ow = grad_out.shape
+    taps = torch.arange(4, device=code.device, dtype=code.dtype)
+    onehot = (code.unsqueeze(-1) == taps).to(grad_out.dtype)            # (n, c, oh, ow, 4)
+    g = (grad_out.unsqueeze(-1) * onehot).view(n, c, oh, ow, 2, 2)
+    g = g.permute(0, 1, 2, 4, 3, 5).reshape(n, c, 2 * oh, 2 * ow)
+    return torch.nn.functional.pad(g, (0, in_w - 2 * ow, 0, in_h - 2 * oh))
 
 
 def _pooled(t, h, w, dtype):

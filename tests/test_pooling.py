@@ -199,3 +199,20 @@ def test_torch_compile_small_cnn_fullgraph():
     with torch._dynamo.config.patch(trace_autograd_ops=True):
         compiled = torch.compile(input_grad, fullgraph=True)
         assert torch.allclose(compiled(x), input_grad(x), rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
+def test_double_backward_matches_reference(layout_name):
+    """create_graph=True (e.g. a gradient penalty): second-order gradients equal ATen's."""
+    x = layout(special_values((2, 3, 6, 7), torch.float64, seed=2).nan_to_num(0.0, 3.0, -3.0), layout_name)
+    results = []
+    for fn in (relu_max_pool2d, reference.relu_max_pool2d):
+        w = torch.tensor(1.5, dtype=torch.float64, requires_grad=True)
+        xa = x.clone().requires_grad_(True)
+        out = fn(xa * w)
+        (g,) = torch.autograd.grad((out * out).sum(), xa, create_graph=True)
+        (h,) = torch.autograd.grad(g.pow(2).sum(), w)
+        results.append((g.detach(), h))
+    assert torch.equal(results[0][0], results[1][0])
+    assert torch.allclose(results[0][1], results[1][1], rtol=1e-12, atol=0)
+    assert results[0][1].abs() > 0
