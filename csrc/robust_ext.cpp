@@ -52,9 +52,11 @@ TORCH_LIBRARY(robust_ext, m) {
   m.def("linf_random_init(Tensor x, float eps, float clip_min, float clip_max, Tensor seed, "
         "Tensor? eps_t=None) -> Tensor");
   // max_pool2d(relu(x), kernel 2, stride 2) and its backward (CPU; other devices use ATen's ops):
-  // `code` holds, per output, the window tap that takes the gradient (0-3) or 4 for none.
+  // `code` holds, per output, the window tap that takes the gradient (0-3) or 4 for none; the backward's
+  // result has x's layout, which the caller passes (a pooled map can be both NCHW and channels_last).
   m.def("relu_max_pool2d(Tensor x) -> (Tensor, Tensor)");
-  m.def("relu_max_pool2d_backward(Tensor grad_out, Tensor code, SymInt in_h, SymInt in_w) -> Tensor");
+  m.def("relu_max_pool2d_backward(Tensor grad_out, Tensor code, SymInt in_h, SymInt in_w, bool channels_last) "
+        "-> Tensor");
   m.def("build_info() -> str", &build_info);
 }
 

@@ -60,13 +60,14 @@ def _setup_context(ctx, inputs, output):
     (x,), (_, code) = inputs, output
     ctx.save_for_backward(code)
     ctx.in_hw = (x.shape[2], x.shape[3])
+    ctx.channels_last = suggest_memory_format(x) == torch.channels_last
 
 
 def _backward(ctx, grad_out, _grad_code):
     (code,) = ctx.saved_tensors
     if torch.is_grad_enabled() and grad_out.requires_grad:  # create_graph=True: a differentiable scatter
         return _scatter(grad_out, code, *ctx.in_hw)
-    return torch.ops.robust_ext.relu_max_pool2d_backward.default(grad_out, code, *ctx.in_hw)
+    return torch.ops.robust_ext.relu_max_pool2d_backward.default(grad_out, code, *ctx.in_hw, ctx.channels_last)
 
 
 def _scatter(grad_out, code, in_h, in_w):
@@ -80,8 +81,7 @@ def _scatter(grad_out, code, in_h, in_w):
     return torch.nn.functional.pad(g, (0, in_w - 2 * ow, 0, in_h - 2 * oh))
 
 
-def _pooled(t, h, w, dtype):
-    fmt = suggest_memory_format(t)
+def _pooled(t, h, w, dtype, fmt):
     return t.new_empty((t.shape[0], t.shape[1], h, w), dtype=dtype).contiguous(memory_format=fmt)
 
 
@@ -90,13 +90,15 @@ def _register():
     def _(x):
         torch._check(x.dim() == 4, lambda: f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
         torch._check(x.shape[2] >= 2 and x.shape[3] >= 2, lambda: "x must be at least 2x2 in H and W")
-        out = _pooled(x, x.shape[2] // 2, x.shape[3] // 2, x.dtype)
-        return out, _pooled(x, x.shape[2] // 2, x.shape[3] // 2, torch.uint8)
+        fmt = suggest_memory_format(x)
+        out = _pooled(x, x.shape[2] // 2, x.shape[3] // 2, x.dtype, fmt)
+        return out, _pooled(x, x.shape[2] // 2, x.shape[3] // 2, torch.uint8, fmt)
 
     @torch.library.register_fake(_OP + "_backward")
-    def _(grad_out, code, in_h, in_w):
+    def _(grad_out, code, in_h, in_w, channels_last):
         torch._check(grad_out.shape == code.shape, lambda: "grad_out must have the shape of the pooled output")
-        return _pooled(code, in_h, in_w, grad_out.dtype)
+        fmt = torch.channels_last if channels_last else torch.contiguous_format
+        return _pooled(code, in_h, in_w, grad_out.dtype, fmt)
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
 

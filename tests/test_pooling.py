@@ -126,12 +126,13 @@ def test_empty_batch_and_module():
 
 @pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_opcheck(layout_name, dtype):
-    x = layout(torch.randn(2, 3, 6, 5).to(dtype), layout_name)
+@pytest.mark.parametrize("shape", [(2, 3, 6, 5), (1, 3, 2, 2), (2, 1, 4, 4)])  # 1x1 / C=1: ambiguous layouts
+def test_opcheck(layout_name, dtype, shape):
+    x = layout(torch.randn(shape).to(dtype), layout_name)
     torch.library.opcheck(torch.ops.robust_ext.relu_max_pool2d.default, (x.requires_grad_(True),))
     out, code = torch.ops.robust_ext.relu_max_pool2d(x.detach())
     torch.library.opcheck(torch.ops.robust_ext.relu_max_pool2d_backward.default,
-                          (torch.randn_like(out), code, 6, 5))
+                          (torch.randn_like(out), code, *shape[2:], layout_name == "channels_last"))
 
 
 @pytest.mark.parametrize("bad,match", [
@@ -148,9 +149,9 @@ def test_bad_input(bad, match):
 def test_backward_op_rejects_mismatched_sizes():
     out, code = torch.ops.robust_ext.relu_max_pool2d(torch.randn(1, 2, 6, 6))
     with pytest.raises(RuntimeError, match="does not pool to"):
-        torch.ops.robust_ext.relu_max_pool2d_backward(torch.randn_like(out), code, 8, 8)
+        torch.ops.robust_ext.relu_max_pool2d_backward(torch.randn_like(out), code, 8, 8, False)
     with pytest.raises(RuntimeError, match="grad_out must have the shape"):
-        torch.ops.robust_ext.relu_max_pool2d_backward(torch.randn(1, 2, 2, 2), code, 6, 6)
+        torch.ops.robust_ext.relu_max_pool2d_backward(torch.randn(1, 2, 2, 2), code, 6, 6, False)
 
 
 def plain_small_cnn(model: SmallCNN) -> SmallCNN:

@@ -239,8 +239,8 @@ at::MemoryFormat layout_of(const at::Tensor& x) {
                                                                       : at::MemoryFormat::Contiguous;
 }
 
-Plan plan_for(const at::Tensor& t, int64_t H, int64_t W) {
-  return Plan{layout_of(t) == at::MemoryFormat::ChannelsLast, t.size(0), t.size(1), H, W, H / 2, W / 2};
+Plan plan_for(const at::Tensor& t, at::MemoryFormat fmt, int64_t H, int64_t W) {
+  return Plan{fmt == at::MemoryFormat::ChannelsLast, t.size(0), t.size(1), H, W, H / 2, W / 2};
 }
 
 std::tuple<at::Tensor, at::Tensor> relu_max_pool2d(const at::Tensor& x_in) {
@@ -252,7 +252,7 @@ std::tuple<at::Tensor, at::Tensor> relu_max_pool2d(const at::Tensor& x_in) {
   const auto fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
   const int64_t H = x.size(2), W = x.size(3);
-  const Plan plan = plan_for(x, H, W);
+  const Plan plan = plan_for(x, fmt, H, W);
   at::Tensor out = at::empty({plan.N, plan.C, plan.OH, plan.OW}, x.options().memory_format(fmt));
   at::Tensor code = at::empty(out.sizes(), x.options().dtype(at::kByte).memory_format(fmt));
   if (out.numel() == 0) return {out, code};
@@ -275,7 +275,7 @@ std::tuple<at::Tensor, at::Tensor> relu_max_pool2d(const at::Tensor& x_in) {
 }
 
 at::Tensor relu_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& code, int64_t in_h,
-                                    int64_t in_w) {
+                                    int64_t in_w, bool channels_last) {
   TORCH_CHECK(code.defined() && code.dim() == 4 && code.scalar_type() == at::kByte,
               "code must be the 4-D uint8 tensor relu_max_pool2d returned");
   TORCH_CHECK(grad_out.defined() && grad_out.sizes() == code.sizes(), "grad_out must have the shape of the "
@@ -284,9 +284,9 @@ at::Tensor relu_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor
               grad_out.scalar_type());
   TORCH_CHECK(in_h / 2 == code.size(2) && in_w / 2 == code.size(3), "input size (", in_h, ", ", in_w,
               ") does not pool to ", code.sizes());
-  const auto fmt = layout_of(code);
+  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
   const at::Tensor c = code.contiguous(fmt), g = grad_out.contiguous(fmt);
-  const Plan plan = plan_for(c, in_h, in_w);
+  const Plan plan = plan_for(c, fmt, in_h, in_w);
   const auto opts = g.options().memory_format(fmt);
   // Odd sizes leave the last row/column outside every window: those are zero.
   at::Tensor gi = at::empty({plan.N, plan.C, in_h, in_w}, opts);
