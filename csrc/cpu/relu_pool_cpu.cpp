@@ -70,31 +70,72 @@ C10_ALWAYS_INLINE W keep_if(W v, bool keep) {
   return v;
 }
 
-// One output from taps a0 a1 (window row 0) and a2 a3 (row 1). Branch-free so the loops vectorize;
-// a pair's second tap, and the second pair, win only when strictly greater: the first maximum in
-// row-major order takes the gradient, as in ATen's max_pool2d.
-template <typename W>
-C10_ALWAYS_INLINE void window(W a0, W a1, W a2, W a3, W& out, uint8_t& code) {
-  using T = decltype(widen(a0));
-  const T f0 = widen(a0), f1 = widen(a1), f2 = widen(a2), f3 = widen(a3);
-  const T m01 = f1 > f0 ? f1 : f0, m23 = f3 > f2 ? f3 : f2;
-  const uint8_t k01 = f1 > f0 ? 1 : 0, k23 = f3 > f2 ? 3 : 2;
-  const T m = m23 > m01 ? m23 : m01;
-  const uint8_t k = m23 > m01 ? k23 : k01;
-  // NaN: ATen's max_pool2d keeps the last NaN tap, and ReLU's backward passes a NaN output's gradient.
-  const bool n1 = f1 != f1, n2 = f2 != f2, n3 = f3 != f3, nan = (f0 != f0) | n1 | n2 | n3;
-  const uint8_t k_nan = n3 ? 3 : (n2 ? 2 : (n1 ? 1 : 0));
-  const T nan_v = std::numeric_limits<T>::quiet_NaN();
-  out = narrow<W>(nan ? nan_v : (m > T(0) ? m : T(0)));
-  code = nan ? k_nan : (m > T(0) ? k : kNoGrad);
+// The window math, in two halves that both layouts share. A window is two columns, left (taps 0, 2)
+// and right (taps 1, 3), of a top and a bottom tap; tap codes are 0-3 in row-major order.
+//
+// column(): the column's max, NaN if either tap is; bit = 1 when the bottom tap wins (ties go to the
+// top), or, with a NaN, when the bottom tap is NaN (ATen's max_pool2d keeps the last NaN).
+template <typename T>
+C10_ALWAYS_INLINE void column(T top, T bot, T& v, int& bit) {
+  const bool tn = top != top, bn = bot != bot;
+  v = (tn | bn) ? std::numeric_limits<T>::quiet_NaN() : (bot > top ? bot : top);
+  bit = bn ? 1 : (tn ? 0 : (bot > top ? 1 : 0));
 }
 
-// channels_last: row (n, oh, ow) has C outputs; output j reads taps p[j], p[j + C], p[j + W*C],
-// p[j + W*C + C] -- a unit-stride loop the compiler vectorizes.
+// combine(): the output from the two columns. Equal maxima go to the smaller tap code (the first in
+// row-major order, as ATen's max_pool2d); a NaN window outputs NaN and its last NaN tap takes the
+// gradient (ReLU's backward passes a NaN output's gradient); a maximum <= 0 outputs 0, no gradient.
+template <typename W, typename T>
+C10_ALWAYS_INLINE void combine(T l, int bl, T r, int br, W& out, uint8_t& code) {
+  // int, not uint8_t, arithmetic: GCC then vectorizes the loops around this at the float width.
+  const int kl = 2 * bl, kr = 1 + 2 * br;
+  const bool ln = l != l, rn = r != r;
+  const bool pick_r = (r > l) | ((r == l) & (kr < kl));
+  const T m = pick_r ? r : l;
+  const int k = pick_r ? kr : kl;
+  const int k_nan = rn ? (ln ? (kr > kl ? kr : kl) : kr) : kl;
+  out = narrow<W>((ln | rn) ? std::numeric_limits<T>::quiet_NaN() : (m > T(0) ? m : T(0)));
+  code = static_cast<uint8_t>((ln | rn) ? k_nan : (m > T(0) ? k : int{kNoGrad}));
+}
+
+// Both layouts run the window math as two passes over L1-sized buffers, each a loop GCC vectorizes
+// (fused into one loop, the compare-and-select chain mixing float and byte lanes is not vectorized):
+// columns() -- column() over pairs of input rows, unit stride; then combine() over adjacent columns.
+// NCHW: an output row has only OW outputs (14 in the small CNN) with taps 2 apart; vector loops over
+// such short strided rows ran slower than scalar code, and scalar code branches on the data. So NCHW
+// goes by tiles of whole output rows: columns() per row, then pairs() over the whole tile.
+constexpr int64_t kTile = 2048;  // column maxima per buffer
+
+template <typename W, typename T>
+C10_ALWAYS_INLINE void columns(const W* __restrict top, const W* __restrict bot, int64_t n, T* __restrict vm,
+                               uint8_t* __restrict vb) {
+  for (int64_t w = 0; w < n; ++w) {
+    int bit;
+    column(widen(top[w]), widen(bot[w]), vm[w], bit);
+    vb[w] = static_cast<uint8_t>(bit);
+  }
+}
+
+template <typename W, typename T>
+C10_ALWAYS_INLINE void pairs(const T* __restrict vm, const uint8_t* __restrict vb, int64_t n, W* __restrict out,
+                             uint8_t* __restrict code) {
+  for (int64_t q = 0; q < n; ++q) combine(vm[2 * q], vb[2 * q], vm[2 * q + 1], vb[2 * q + 1], out[q], code[q]);
+}
+
+// channels_last: row (n, oh, ow) has C outputs; output j reads taps p[j], p[j + C] (top row) and
+// p[j + W*C], p[j + W*C + C] (bottom row): the left and the right columns' maxima, then combine().
 template <typename W>
 RX_CLONES void forward_row_cl(const W* __restrict p, int64_t dx, int64_t dy, int64_t n, W* __restrict out,
                               uint8_t* __restrict code) {
-  for (int64_t j = 0; j < n; ++j) window(p[j], p[j + dx], p[j + dy], p[j + dx + dy], out[j], code[j]);
+  using T = decltype(widen(W()));
+  T vl[kTile], vr[kTile];
+  uint8_t bl[kTile], br[kTile];
+  for (int64_t c0 = 0; c0 < n; c0 += kTile) {
+    const int64_t len = std::min(kTile, n - c0);
+    columns(p + c0, p + c0 + dy, len, vl, bl);
+    columns(p + c0 + dx, p + c0 + dx + dy, len, vr, br);
+    for (int64_t j = 0; j < len; ++j) combine(vl[j], bl[j], vr[j], br[j], out[c0 + j], code[c0 + j]);
+  }
 }
 
 template <typename W>
@@ -107,43 +148,6 @@ RX_CLONES void backward_row_cl(const W* __restrict g, const uint8_t* __restrict 
     gi[j + dx] = keep_if(v, k == 1);
     gi[j + dy] = keep_if(v, k == 2);
     gi[j + dx + dy] = keep_if(v, k == 3);
-  }
-}
-
-// NCHW: an output row has only OW outputs (14 in the small CNN) and its taps sit 2 apart; vector loops
-// over such short strided rows ran slower than scalar code, and scalar code branches on the data. So
-// NCHW goes by tiles of whole output rows in two unit-stride or long passes over an L1-sized buffer:
-// (1) per row, the max of each input column pair (top, bottom), (2) over the whole tile, each output
-// from two adjacent column maxima. The backward mirrors it. Same results as window().
-constexpr int64_t kTile = 2048;  // column maxima per tile
-
-template <typename W, typename T>
-C10_ALWAYS_INLINE void columns(const W* __restrict top, const W* __restrict bot, int64_t n, T* __restrict vm,
-                               uint8_t* __restrict vb) {
-  // vm: the column's max (NaN if either is); vb: 1 when the bottom tap wins (ties go to the top), or,
-  // with a NaN, when the bottom one is NaN (the last NaN wins).
-  for (int64_t w = 0; w < n; ++w) {
-    const T a = widen(top[w]), b = widen(bot[w]);
-    const bool an = a != a, bn = b != b;
-    vm[w] = (an | bn) ? std::numeric_limits<T>::quiet_NaN() : (b > a ? b : a);
-    vb[w] = bn ? 1 : (an ? 0 : (b > a ? 1 : 0));
-  }
-}
-
-template <typename W, typename T>
-C10_ALWAYS_INLINE void pairs(const T* __restrict vm, const uint8_t* __restrict vb, int64_t n, W* __restrict out,
-                             uint8_t* __restrict code) {
-  for (int64_t q = 0; q < n; ++q) {
-    const T l = vm[2 * q], r = vm[2 * q + 1];
-    const uint8_t kl = static_cast<uint8_t>(2 * vb[2 * q]), kr = static_cast<uint8_t>(1 + 2 * vb[2 * q + 1]);
-    const bool ln = l != l, rn = r != r;
-    // Equal maxima: the first tap in row-major order, the smaller code.
-    const bool pick_r = (r > l) | ((r == l) & (kr < kl));
-    const T m = pick_r ? r : l;
-    const uint8_t k = pick_r ? kr : kl;
-    const uint8_t k_nan = rn ? (ln ? (kr > kl ? kr : kl) : kr) : kl;
-    out[q] = narrow<W>((ln | rn) ? std::numeric_limits<T>::quiet_NaN() : (m > T(0) ? m : T(0)));
-    code[q] = (ln | rn) ? k_nan : (m > T(0) ? k : kNoGrad);
   }
 }
 
