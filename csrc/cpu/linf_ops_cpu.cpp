@@ -15,12 +15,7 @@
 
 #include "../linf_math.h"
 #include "../linf_ops.h"
-
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
-#define RX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
-#else
-#define RX_CLONES
-#endif
+#include "clones.h"
 
 namespace robust_ext {
 namespace {
