@@ -8,9 +8,12 @@ fused op a few percent. Everywhere else (CUDA, no extension, ``ROBUST_EXT_BACKEN
 :func:`robust_ext.reference.relu_max_pool2d`, ATen's own ops.
 
 Values and gradients equal ATen's ``max_pool2d(relu(x), 2)`` exactly, NaN included (a NaN window gives
-NaN and its last NaN tap takes the gradient); ties go to the first tap in row-major order. The op is
-differentiable (double backward too, through a path of PyTorch ops), traceable by ``torch.compile``
-(fake kernels below), and keeps ``x``'s memory format (NCHW or channels_last).
+NaN and its last NaN tap takes the gradient); ties go to the first tap in row-major order. Two bit-level
+differences, no numeric one: a window with no positive value gives +0 (ATen: ReLU of the first tap, -0
+when that tap is -0.0), and a NaN window gives the canonical quiet NaN (ATen: that tap's NaN bits). The
+op is differentiable (double backward too, through a path of PyTorch ops), traceable by
+``torch.compile`` (fake kernels below), and keeps ``x``'s memory format (NCHW or channels_last); under
+``torch.func`` transforms or forward-mode AD it runs ATen's ops.
 """
 from __future__ import annotations
 
@@ -38,10 +41,17 @@ def _check(x):
         raise ValueError(f"x must be at least 2x2 in H and W, got shape {tuple(x.shape)}")
 
 
+def _transformed(x) -> bool:
+    """Under torch.func transforms (grad, vmap, jvp) or with a forward-mode AD tangent: the op has only a
+    reverse-mode formula, so these take ATen's ops (which have every rule)."""
+    return (torch._C._functorch.peek_interpreter_stack() is not None
+            or torch.autograd.forward_ad.unpack_dual(x).tangent is not None)
+
+
 def relu_max_pool2d(x: torch.Tensor) -> torch.Tensor:
     """``max_pool2d(relu(x), kernel_size=2, stride=2)`` for a 4-D float tensor (odd H/W: floor mode)."""
     _check(x)
-    if _HAS_CPU_KERNEL and x.is_cpu:
+    if _HAS_CPU_KERNEL and x.is_cpu and not _transformed(x):
         return torch.ops.robust_ext.relu_max_pool2d.default(x)[0]
     return reference.relu_max_pool2d(x)
 
@@ -89,6 +99,8 @@ def _register():
     @torch.library.register_fake(_OP)
     def _(x):
         torch._check(x.dim() == 4, lambda: f"x must be a 4-D (N, C, H, W) tensor, got shape {tuple(x.shape)}")
+        torch._check(x.dtype in reference._FLOATS, lambda: f"x must be float32, float64, float16 or bfloat16, "
+                                                           f"got {x.dtype}")
         torch._check(x.shape[2] >= 2 and x.shape[3] >= 2, lambda: "x must be at least 2x2 in H and W")
         fmt = suggest_memory_format(x)
         out = _pooled(x, x.shape[2] // 2, x.shape[3] // 2, x.dtype, fmt)
@@ -96,9 +108,15 @@ def _register():
 
     @torch.library.register_fake(_OP + "_backward")
     def _(grad_out, code, in_h, in_w, channels_last):
+        torch._check(code.dim() == 4 and code.dtype == torch.uint8,
+                     lambda: "code must be the 4-D uint8 tensor relu_max_pool2d returned")
         torch._check(grad_out.shape == code.shape, lambda: "grad_out must have the shape of the pooled output")
+        torch._check(grad_out.dtype in reference._FLOATS, lambda: f"grad_out must be a float tensor, got {grad_out.dtype}")
+        torch._check(grad_out.device == code.device, lambda: "grad_out and code must be on the same device")
+        torch._check(in_h // 2 == code.shape[2] and in_w // 2 == code.shape[3],
+                     lambda: f"input size ({in_h}, {in_w}) does not pool to {tuple(code.shape)}")
         fmt = torch.channels_last if channels_last else torch.contiguous_format
-        return _pooled(code, in_h, in_w, grad_out.dtype, fmt)
+        return _pooled(grad_out, in_h, in_w, grad_out.dtype, fmt)
 
     torch.library.register_autograd(_OP, _backward, setup_context=_setup_context)
 

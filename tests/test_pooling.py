@@ -16,7 +16,8 @@ from robust_ext.pooling import ReLUMaxPool2d, relu_max_pool2d
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = ["nchw", "channels_last", "strided"]
 # even; odd H and W (floor mode); 2x2; one output per plane; a row wider than one NCHW tile (OW > 1024)
-SHAPES = [(4, 8, 12, 10), (3, 5, 7, 9), (2, 3, 2, 2), (2, 6, 3, 3), (1, 2, 4, 2100)]
+# and a channels_last row wider than one buffer (C > 2048)
+SHAPES = [(4, 8, 12, 10), (3, 5, 7, 9), (2, 3, 2, 2), (2, 6, 3, 3), (1, 2, 4, 2100), (1, 2100, 2, 4)]
 
 pytestmark = pytest.mark.skipif(robust_ext.backend()["cpu"] != "extension",
                                 reason="needs the extension: these tests hold its kernel to the reference")
@@ -126,7 +127,7 @@ def test_empty_batch_and_module():
 
 @pytest.mark.parametrize("layout_name", ["nchw", "channels_last"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-@pytest.mark.parametrize("shape", [(2, 3, 6, 5), (1, 3, 2, 2), (2, 1, 4, 4)])  # 1x1 / C=1: ambiguous layouts
+@pytest.mark.parametrize("shape", [(2, 3, 6, 5), (1, 3, 2, 2), (3, 2, 3, 2)])  # 1x1 outputs: ambiguous layouts
 def test_opcheck(layout_name, dtype, shape):
     x = layout(torch.randn(shape).to(dtype), layout_name)
     torch.library.opcheck(torch.ops.robust_ext.relu_max_pool2d.default, (x.requires_grad_(True),))
@@ -146,12 +147,52 @@ def test_bad_input(bad, match):
         relu_max_pool2d(bad)
 
 
+def test_zero_sign_and_nan_bits_are_canonical():
+    """The documented bit-level differences from ATen: an all-non-positive window gives +0, a NaN window
+    the canonical quiet NaN (numerically the same values)."""
+    x = torch.tensor([[[[-0.0, -1.0, float("nan"), 1.0], [-2.0, -0.0, 1.0, 2.0]]]])
+    out = relu_max_pool2d(x)
+    assert out[0, 0, 0, 0].item() == 0 and not torch.signbit(out[0, 0, 0, 0])
+    assert out[0, 0, 0, 1].isnan() and out.view(torch.int32)[0, 0, 0, 1].item() == 0x7FC00000
+
+
+def test_noncontiguous_and_expanded_grad_out():
+    x = torch.randn(2, 3, 6, 8)
+    for grad in (torch.ones(1, 1, 1, 1).expand(2, 3, 3, 4), torch.randn(2, 3, 4, 3).transpose(2, 3)):
+        out, gx = run(relu_max_pool2d, x, grad)
+        ref_out, ref_gx = run(reference.relu_max_pool2d, x, grad)
+        assert torch.equal(gx, ref_gx)
+
+
+def test_func_transforms_and_forward_ad_match_aten():
+    """torch.func grad / jvp / vmap and forward-mode AD through the small CNN: the same as the unfused
+    network (the layer hands them to ATen's ops)."""
+    torch.manual_seed(0)
+    model = SmallCNN().eval()
+    plain = plain_small_cnn(model).eval()
+    x, t = torch.rand(3, 1, 28, 28), torch.randn(3, 1, 28, 28)
+    for m in (model, plain):
+        m.requires_grad_(False)
+    g = [torch.func.grad(lambda z, m=m: m(z).square().sum())(x) for m in (model, plain)]
+    assert torch.equal(g[0], g[1]) and g[0].abs().sum() > 0
+    j = [torch.func.jvp(m, (x,), (t,))[1] for m in (model, plain)]
+    assert torch.equal(j[0], j[1]) and j[0].abs().sum() > 0
+    v = [torch.func.vmap(m)(x.unsqueeze(1)) for m in (model, plain)]
+    assert torch.allclose(v[0], v[1])
+    import torch.autograd.forward_ad as fwAD
+    with fwAD.dual_level():
+        tangents = [fwAD.unpack_dual(m(fwAD.make_dual(x, t))).tangent for m in (model, plain)]
+    assert torch.equal(tangents[0], tangents[1]) and tangents[0].abs().sum() > 0
+
+
 def test_backward_op_rejects_mismatched_sizes():
     out, code = torch.ops.robust_ext.relu_max_pool2d(torch.randn(1, 2, 6, 6))
     with pytest.raises(RuntimeError, match="does not pool to"):
         torch.ops.robust_ext.relu_max_pool2d_backward(torch.randn_like(out), code, 8, 8, False)
     with pytest.raises(RuntimeError, match="grad_out must have the shape"):
         torch.ops.robust_ext.relu_max_pool2d_backward(torch.randn(1, 2, 2, 2), code, 6, 6, False)
+    with pytest.raises(RuntimeError, match="same device"):
+        torch.ops.robust_ext.relu_max_pool2d_backward(torch.randn_like(out, device="meta"), code, 6, 6, False)
 
 
 def plain_small_cnn(model: SmallCNN) -> SmallCNN:

@@ -8,7 +8,9 @@
 //
 // Semantics equal relu-then-max_pool2d(kernel 2, stride 2, no padding, floor mode), gradient included:
 // the first maximal tap in row-major window order takes the gradient; a window whose maximum is <= 0
-// outputs 0 with no gradient; NaN anywhere in a window gives NaN, its last NaN tap taking the gradient.
+// outputs +0 with no gradient; NaN anywhere in a window gives NaN, its last NaN tap taking the gradient.
+// (Bit-level only: ATen gives -0 when the first tap is -0.0, and keeps a NaN's payload; we give +0 and
+// the canonical quiet NaN.)
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -281,6 +283,8 @@ at::Tensor relu_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor
               "pooled output ", code.sizes(), ", got ", grad_out.defined() ? grad_out.sizes() : at::IntArrayRef{});
   TORCH_CHECK(is_supported_float(grad_out.scalar_type()), "grad_out must be a float tensor, got ",
               grad_out.scalar_type());
+  TORCH_CHECK(grad_out.device() == code.device(), "grad_out and code must be on the same device, got ",
+              grad_out.device(), " and ", code.device());
   TORCH_CHECK(in_h / 2 == code.size(2) && in_w / 2 == code.size(3), "input size (", in_h, ", ", in_w,
               ") does not pool to ", code.sizes());
   const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
