@@ -7,7 +7,6 @@ evaluated clean, under FGSM and under BIM (eps = 0.1, alpha = 0.01, 20 steps), a
 """
 from __future__ import annotations
 
-import json
 import logging
 import time
 from pathlib import Path
@@ -16,9 +15,9 @@ from typing import Any, Dict, Optional, Sequence
 import torch
 
 from . import __version__, backend
+from ._io import write_json
 from .data import load_dataset
 from .evaluation import evaluate, make_attack
-from .evaluation.plots import plot_accuracy_curves
 from .models import SmallCNN
 from .training import TrainConfig, train
 
@@ -101,6 +100,8 @@ def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test
             "fgsm": dict(zip(report.eps, report.attacks["fgsm"]["accuracy"])),
             "bim": dict(zip(report.eps, report.attacks["bim"]["accuracy"])),
         }
+    from .evaluation.plots import plot_accuracy_curves  # matplotlib: only when plotting
+
     plot_accuracy_curves({n: r for n, r in reports.items()}, out / "accuracy_vs_eps.png",
                          title="MNIST (5,000 real digits): standard vs FGSM-RS robust CNN")
     std, rob = summary["models"]["standard"], summary["models"]["robust"]
@@ -109,7 +110,7 @@ def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test
         checks["gap_bim_0.15"] = rob["bim"][0.15] - std["bim"][0.15]
     summary["targets"] = {k: {"value": v, "target": TARGETS[k], "met": v >= TARGETS[k]} for k, v in checks.items()}
     summary["timing_s"]["total"] = round(time.perf_counter() - t0, 1)
-    (out / "demo.json").write_text(json.dumps(summary, indent=2, default=str))
+    write_json(out / "demo.json", summary)
     return summary
 
 
@@ -158,5 +159,5 @@ def run_tradeoff(out_dir, *, eps_values: Sequence[float] = (0.0, 0.05, 0.1, 0.15
     summary = {"config": {"method": method, "epochs": epochs, "pgd_steps": pgd_steps, "eval_eps": eval_eps,
                           "n_train": len(train_set), "n_test": len(test_set), "seed": seed}, "rows": rows}
     plot_tradeoff(rows, out / "tradeoff.png")
-    (out / "tradeoff.json").write_text(json.dumps(summary, indent=2))
+    write_json(out / "tradeoff.json", summary)
     return summary

@@ -12,12 +12,10 @@ their parameters and inputs only.
 """
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 import os
 import pickle
-import secrets
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, Sequence, Tuple, Union
@@ -26,6 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from ._io import atomic_write
 from .pooling import ReLUMaxPool2d
 
 log = logging.getLogger(__name__)
@@ -237,24 +236,7 @@ def save_checkpoint(path: PathLike, model: nn.Module, **extra: Any) -> Path:
     cpu_state = OrderedDict((k, v.detach().cpu()) for k, v in state.items())
     cpu_state._metadata = getattr(state, "_metadata", None)  # per-module versions, read by load_state_dict
     checkpoint = {"format": FORMAT, "arch": arch, "config": config, "state_dict": cpu_state, **extra}
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the umask applies, unlike mkstemp's 0600
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(checkpoint, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    with contextlib.suppress(OSError):  # persist the rename; not every platform can open a directory
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+    atomic_write(path, lambda f: torch.save(checkpoint, f))
     log.debug("saved %s checkpoint to %s", arch, path)
     return path
 

@@ -11,6 +11,7 @@ import torch
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
+from .._io import atomic_write
 from ._inputs import eval_mode, predict
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -21,8 +22,7 @@ _GREEN, _RED = "#1a7f37", "#cf222e"
 def _save(fig: Figure, path: PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=100)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
 def plot_accuracy_curves(reports, path: PathLike, *, title: Optional[str] = None) -> Path:

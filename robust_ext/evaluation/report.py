@@ -8,6 +8,7 @@ from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Union
 
+from .._io import write_json
 from .._json import decode, encode
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -81,9 +82,7 @@ class Report:
         return cls(config=config, **rest)
 
     def to_json(self, path: PathLike, indent: int = 2) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n")
-        return path
+        return write_json(path, self.to_dict(), indent)
 
     @classmethod
     def from_json(cls, path: PathLike) -> "Report":

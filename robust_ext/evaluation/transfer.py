@@ -1,7 +1,6 @@
 """Transferability: adversarial examples made on one model, scored on every other."""
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -13,6 +12,7 @@ from tqdm.auto import tqdm
 from . import metrics
 from ._inputs import as_batches, check_eps, check_seed, eval_mode, generator, model_info, predict, resolve_device, \
     rng_devices
+from .._io import write_json
 from .._json import decode, encode
 from .specs import resolve_attack
 
@@ -45,9 +45,7 @@ class TransferResult:
         return cls(**{k: (v if k == "config" else decode(v)) for k, v in d.items()})
 
     def to_json(self, path, indent: int = 2) -> Path:
-        path = Path(path)
-        path.write_text(json.dumps(self.to_dict(), indent=indent, allow_nan=False) + "\n")
-        return path
+        return write_json(path, self.to_dict(), indent)
 
 
 def transfer_matrix(models: Dict[str, torch.nn.Module], data, attack="pgd", eps: float = 8 / 255, *,

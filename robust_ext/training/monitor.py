@@ -4,13 +4,13 @@ from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
-from .._json import encode
+from .._io import atomic_write
+from .._json import decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -39,7 +39,7 @@ class MetricsLog:
 def read_metrics(path: Path, event: Optional[str] = "epoch") -> List[Dict[str, Any]]:
     """The lines of a metrics log (only those of ``event`` unless it is None)."""
     with open(path, encoding="utf-8") as f:
-        records = [json.loads(line) for line in f if line.strip()]
+        records = [decode(json.loads(line)) for line in f if line.strip()]
     return [r for r in records if event is None or r.get("event") == event]
 
 
@@ -112,7 +112,4 @@ def plot_curves(history: Sequence[Dict[str, Any]], path: Path, title: str = "",
             ax.axvline(e, color="red", linestyle="--", linewidth=1)
     if title:
         fig.suptitle(title)
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    fig.savefig(tmp, format="png", dpi=100)
-    os.replace(tmp, path)
-    return path
+    return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
