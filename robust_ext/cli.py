@@ -12,6 +12,8 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
+from ._io import write_json
+
 ATTACKS = ("fgsm", "fgsm_rs", "bim", "pgd")
 
 
@@ -147,6 +149,10 @@ def cmd_attack(args) -> int:
     from .evaluation.metrics import perturbation_norms
     from .evaluation.plots import plot_adversarial_examples
 
+    if args.batch_size < 1:
+        raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
+    if args.steps < 1:
+        raise UsageError(f"--steps must be >= 1, got {args.steps}")
     ds = _load_data(args.data, args.data_dir, args.split, args.n)
     model = _load_model(args.model, ds[0])
     x = torch.stack([ds[i][0] for i in range(len(ds))])
@@ -179,7 +185,7 @@ def cmd_attack(args) -> int:
               "clean_accuracy": correct.float().mean().item(), "robust_accuracy": robust.float().mean().item(),
               "success_rate": ((correct & ~robust).sum() / correct.sum().clamp_min(1)).item(), "norms": norms}
     torch.save({"x_adv": x_adv, "y": y, "clean_pred": clean_pred, "adv_pred": adv_pred}, out / "adversarial.pt")
-    (out / "attack.json").write_text(json.dumps(result, indent=2))
+    write_json(out / "attack.json", result)
     plot_adversarial_examples(model, x[:8], y[:8], x_adv[:8], out / "adversarial_examples.png")
     print(json.dumps(result, indent=2))
     return 0
@@ -281,6 +287,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         return COMMANDS[args.command](args)
     except UsageError as e:
+        print(f"robust-ext: error: {e}", file=sys.stderr)
+        return 2
+    except ValueError as e:  # the library's argument checks (e.g. --eps -1, --steps 0) name the argument
         print(f"robust-ext: error: {e}", file=sys.stderr)
         return 2
 

@@ -581,3 +581,22 @@ def test_bad_x_and_constructor_errors(digits):
         A.BIM(model, loss="nll")
     with pytest.raises(ValueError, match="steps=None"):
         A.bim(model, x, y, eps=torch.full((len(y),), EPS), alpha=ALPHA)
+
+
+class _ConstantLogits(torch.nn.Module):
+    """No parameters, output independent of the input: the loss needs no gradient at all."""
+
+    def forward(self, x):
+        return torch.tensor([[2.0, 0.0, -1.0]]).expand(x.shape[0], 3)
+
+
+def test_model_that_ignores_its_input_moves_nothing():
+    """No gradient to follow: FGSM and BIM return the input, PGD its random start (no crash)."""
+    x = torch.rand(4, 1, 5, 5)
+    y = torch.zeros(4, dtype=torch.long)
+    model = _ConstantLogits()
+    assert torch.equal(A.fgsm(model, x, y, eps=0.1), x)
+    assert torch.equal(A.bim(model, x, y, eps=0.1, alpha=0.02, steps=3), x)
+    start = ops.linf_random_init(x, 0.1, generator=torch.Generator().manual_seed(5))
+    out = A.pgd(model, x, y, eps=0.1, alpha=0.02, steps=3, generator=torch.Generator().manual_seed(5))
+    assert torch.equal(out, start)

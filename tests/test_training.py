@@ -365,3 +365,13 @@ def test_torchrun_two_processes_match_one(tmp_path):
     keys = ("train_loss", "train_acc", "train_clean_acc", "test_acc", "robust_acc")
     assert [[r[k] for k in keys] for r in adv[0]["history"]] == [[r[k] for k in keys] for r in adv[1]["history"]]
     assert load_checkpoint(tmp_path / "adv" / "last.pt")["training"]["world_size"] == 2
+
+
+def test_read_metrics_decodes_non_finite_values(tmp_path):
+    """What MetricsLog encodes as strict JSON ("nan", "inf") comes back as floats."""
+    from robust_ext.training.monitor import MetricsLog
+    log = MetricsLog(tmp_path / "m.jsonl")
+    log.write("epoch", epoch=1, robust_acc=float("nan"), train_loss=float("inf"))
+    log.close()
+    (rec,) = read_metrics(tmp_path / "m.jsonl")
+    assert math.isnan(rec["robust_acc"]) and rec["train_loss"] == math.inf and rec["epoch"] == 1

@@ -44,8 +44,10 @@ class Objective:
         with torch.enable_grad():
             x_adv.requires_grad_(True)
             logits = self.logits(x_adv)
-            (g,) = torch.autograd.grad(per_sample_loss(logits, y, self.loss).sum(), x_adv, allow_unused=True)
-        # A model whose output ignores its input has no gradient: nothing to follow, so nothing moves.
+            loss = per_sample_loss(logits, y, self.loss).sum()
+            # A model whose output ignores its input (constant logits: the loss needs no grad at all, or
+            # x_adv is not in its graph) has no gradient: nothing to follow, so nothing moves.
+            g = torch.autograd.grad(loss, x_adv, allow_unused=True)[0] if loss.requires_grad else None
         return (torch.zeros_like(x_adv) if g is None else g), logits.detach()
 
     def confirmed(self, x_adv, y, hit):

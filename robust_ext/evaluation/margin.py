@@ -49,7 +49,7 @@ def minimal_eps(model, x: torch.Tensor, y: torch.Tensor, *, eps_max: float, tol:
         hi = torch.full((rows.numel(),), eps_max, dtype=torch.float64, device=x.device)
 
         def fooled(eps):
-            x_adv = spec(model, xs, ys, eps.to(xs.dtype), clip_min=clip_min, clip_max=clip_max, generator=generator)
+            x_adv = spec(model, xs, ys, eps, clip_min=clip_min, clip_max=clip_max, generator=generator)
             return predict(model, x_adv) != ys
 
         reached = fooled(hi)
