@@ -68,9 +68,12 @@ def _check_budget(value, per_sample, name, non_negative, x, values=True):
     if not values or not t.numel():  # fake tensors have no values to check
         return
     bad = ((t < 0) | t.isnan()).any() if non_negative else t.isnan().any()
-    if bool(bad):
-        raise RuntimeError(f"{name} must be >= 0 and not NaN for every sample" if non_negative
-                           else f"{name} must not be NaN for any sample")
+    what = (f"{name} must be >= 0 and not NaN for every sample" if non_negative
+            else f"{name} must not be NaN for any sample")
+    if not t.is_cpu:  # as csrc/checks.h: no host sync per step on a GPU; it fails at the next sync
+        torch._assert_async(~bad, what)
+    elif bool(bad):
+        raise RuntimeError(what)
 
 
 def _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=True):

@@ -99,9 +99,13 @@ def _rows(t, index):
     return t.index_select(0, index) if isinstance(t, torch.Tensor) else t
 
 
-def _iterate(obj, x, y, x_adv, alpha, eps, steps, lo, hi):
+def _iterate(obj, x, y, x_adv, alpha, eps, steps, lo, hi, on_step=None):
+    """``steps`` fused PGD steps from ``x_adv``; ``on_step(logits)`` sees each step's logits (at the point
+    before the step), for callers that record the trajectory."""
     for _ in range(steps):
-        grad, _ = obj.grad(x_adv, y)
+        grad, logits = obj.grad(x_adv, y)
+        if on_step is not None:
+            on_step(logits)
         x_adv = x_adv.detach()
         ops.linf_step_(x_adv, grad, x, alpha, eps, lo, hi)
     return x_adv

@@ -15,8 +15,8 @@ from dataclasses import asdict, dataclass
 from typing import Optional, Sequence, Tuple
 
 import torch
-import torch.nn.functional as F
 
+from ..attacks._loop import Objective
 from ._inputs import eval_mode
 
 
@@ -50,15 +50,9 @@ class MaskingThresholds:
 def zero_gradient_mask(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     """Per sample: is the input gradient of the cross-entropy loss (the attacks' loss) all zero? A NaN
     gradient counts as zero, as the fused steps treat it. The model runs in eval mode."""
-    with torch.enable_grad(), eval_mode(model):
-        x = x.detach().requires_grad_(True)
-        logits = model(x)
-        loss = F.cross_entropy(logits.float(), y.to(x.device), reduction="none").sum()
-        if not loss.requires_grad:  # the output does not depend on x at all, e.g. constant logits
-            return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
-        (grad,) = torch.autograd.grad(loss, x, allow_unused=True)
-    if grad is None:
-        return torch.ones(x.shape[0], dtype=torch.bool, device=x.device)
+    objective = Objective(model, "ce", False, None, x.device.type)  # the attacks' own input gradient
+    with eval_mode(model):
+        grad, _ = objective.grad(x.detach().clone(), y.to(x.device))
     return (torch.nan_to_num(grad, nan=0.0) == 0).flatten(1).all(1)
 
 

@@ -1,5 +1,4 @@
-"""PGD run step by step on the fused ops, recording the class probabilities after every step (the attacks
-module has no per-step hook)."""
+"""PGD run step by step on the attacks' own loop, recording the class probabilities after every step."""
 from __future__ import annotations
 
 from typing import Optional
@@ -7,7 +6,7 @@ from typing import Optional
 import torch
 
 from .. import ops
-from ..attacks._loop import Objective
+from ..attacks._loop import Objective, _iterate
 from ._inputs import check_eps, eval_mode
 from .specs import ALPHA_FACTOR
 
@@ -32,11 +31,8 @@ def pgd_trajectory(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     objective = Objective(model, "ce", False, None, x.device.type)
     with eval_mode(model):
         x_adv = ops.linf_random_init(x, eps, clip_min, clip_max, generator=generator) if random_start else x.clone()
-        for _ in range(steps):
-            grad, logits = objective.grad(x_adv, y)
-            probs.append(logits.detach().float().softmax(1).cpu())
-            x_adv = x_adv.detach()
-            ops.linf_step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
+        x_adv = _iterate(objective, x, y, x_adv, alpha, eps, steps, clip_min, clip_max,
+                         on_step=lambda logits: probs.append(logits.float().softmax(1).cpu()))
         with torch.no_grad():
             probs.append(model(x_adv).float().softmax(1).cpu())
     return torch.stack(probs), x_adv
