@@ -12,6 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
+from ..attacks._args import check_int
 from ..attacks._loop import eval_mode  # noqa: F401  (one definition, re-exported for this package)
 from ..data import make_loader
 
@@ -44,9 +45,7 @@ def check_eps(eps, name: str = "eps", positive: bool = False) -> float:
 
 
 def check_seed(seed) -> int:
-    if isinstance(seed, bool) or not isinstance(seed, numbers.Integral) or seed < 0:
-        raise ValueError(f"seed must be an integer >= 0, got {seed!r}")
-    return int(seed)
+    return check_int(seed, "seed", 0)
 
 
 def generator(seed: int, *keys: int) -> torch.Generator:
@@ -111,8 +110,7 @@ def _loader_batches(loader, n: int) -> Callable[[], Iterator[Batch]]:
 def as_batches(data, batch_size: int = 256, max_samples: Optional[int] = None, name: Optional[str] = None) -> Batches:
     """``data`` as batches: an ``(images, labels)`` pair of tensors, a ``DataLoader`` yielding such pairs
     (its own batch size), or a ``Dataset`` of ``(image, label)`` items. ``max_samples`` keeps the first ones."""
-    if isinstance(batch_size, bool) or not isinstance(batch_size, numbers.Integral) or batch_size < 1:
-        raise ValueError(f"batch_size must be an integer >= 1, got {batch_size!r}")
+    check_int(batch_size, "batch_size", 1)
     if max_samples is not None and (isinstance(max_samples, bool) or not isinstance(max_samples, numbers.Integral)
                                     or max_samples < 1):
         raise ValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}")

@@ -26,6 +26,7 @@ import torch
 
 from .. import attacks as A
 from .. import ops
+from ..attacks._args import check_int
 
 KINDS = ("fgsm", "bim", "pgd", "noise")
 ALPHA_FACTOR = 2.5
@@ -66,8 +67,8 @@ def _check_params(kind: str, params: Dict[str, Any]) -> Dict[str, Any]:
         raise ValueError(f"unknown parameter(s) {unknown} for attack {kind!r}; it takes {sorted(_DEFAULTS[kind])}")
     p = {**_DEFAULTS[kind], **params}
     for key in ("steps", "restarts", "draws"):
-        if key in p and (isinstance(p[key], bool) or not isinstance(p[key], numbers.Integral) or p[key] < 1):
-            raise ValueError(f"{kind}: {key} must be an integer >= 1, got {p[key]!r}")
+        if key in p:
+            check_int(p[key], f"{kind}: {key}", 1)
     alpha = p.get("alpha")
     if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha >= 0):
         raise ValueError(f"{kind}: alpha must be None (2.5 eps / steps) or a float >= 0, got {alpha!r}")

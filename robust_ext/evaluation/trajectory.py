@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 from .. import ops
+from ..attacks._args import check_int
 from ..attacks._loop import Objective, _iterate
 from ._inputs import check_eps, eval_mode
 from .specs import ALPHA_FACTOR
@@ -22,8 +23,7 @@ def pgd_trajectory(model, x: torch.Tensor, y: torch.Tensor, *, eps: float, alpha
     to ``2.5 * eps / steps``. Returns ``(probs [steps + 1, N, num_classes] float32 on the CPU, x_adv)``.
     """
     eps = check_eps(eps)
-    if isinstance(steps, bool) or not isinstance(steps, int) or steps < 1:
-        raise ValueError(f"steps must be an integer >= 1, got {steps!r}")
+    check_int(steps, "steps", 1)
     alpha = eps * ALPHA_FACTOR / steps if alpha is None else check_eps(alpha, "alpha")
     x = x.detach()
     y = y.to(x.device)

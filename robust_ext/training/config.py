@@ -10,6 +10,8 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
+from ..attacks._args import amp_dtype, check_int
+
 METHODS = ("standard", "fgsm_rs", "pgd")
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle", "cyclic")
@@ -105,16 +107,16 @@ class TrainConfig:
         _choice(self.method, "method", METHODS)
         _choice(self.optimizer, "optimizer", OPTIMIZERS)
         _choice(self.scheduler, "scheduler", SCHEDULERS)
-        _int(self.epochs, "epochs", 1)
-        _int(self.batch_size, "batch_size", 1)
-        _int(self.pgd_steps, "pgd_steps", 1)
-        _int(self.eval_steps, "eval_steps", 1)
-        _int(self.eval_samples, "eval_samples", 0)
-        _int(self.seed, "seed", 0)
-        _int(self.log_every, "log_every", 0)
-        _int(self.num_workers, "num_workers", 0)
+        check_int(self.epochs, "epochs", 1)
+        check_int(self.batch_size, "batch_size", 1)
+        check_int(self.pgd_steps, "pgd_steps", 1)
+        check_int(self.eval_steps, "eval_steps", 1)
+        check_int(self.eval_samples, "eval_samples", 0)
+        check_int(self.seed, "seed", 0)
+        check_int(self.log_every, "log_every", 0)
+        check_int(self.num_workers, "num_workers", 0)
         if self.threads is not None:
-            _int(self.threads, "threads", 1)
+            check_int(self.threads, "threads", 1)
         _real(self.lr, "lr", low=0.0, strict=True)
         _real(self.momentum, "momentum", low=0.0, high=1.0)
         _real(self.weight_decay, "weight_decay", low=0.0)
@@ -189,11 +191,7 @@ class TrainConfig:
         return self.guard if self.guard is not None else (self.method == "fgsm_rs" and self.robust_eval)
 
     def amp_dtype(self, device_type: str) -> Optional[torch.dtype]:
-        if self.amp is False:
-            return None
-        if self.amp is True:
-            return torch.float16 if device_type == "cuda" else torch.bfloat16
-        return self.amp
+        return amp_dtype(self.amp, device_type)  # the attacks' mapping: the same dtype for both
 
     def to_dict(self) -> Dict[str, Any]:
         """The fields as plain values (what a checkpoint loadable with weights_only=True may hold)."""
@@ -211,11 +209,6 @@ class TrainConfig:
 def _choice(value, name, choices):
     if value not in choices:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, choices))}, got {value!r}")
-
-
-def _int(value, name, minimum):
-    if isinstance(value, bool) or not isinstance(value, numbers.Integral) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
 
 
 def _real(value, name, low=None, high=None, strict=False):
