@@ -38,7 +38,8 @@ def ext_modules_and_cmdclass():
     with_cuda = mode == "cuda" or (mode == "auto" and has_cuda_torch and nvcc_found)
 
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = ["csrc/robust_ext.cpp", "csrc/cpu/linf_ops_cpu.cpp", "csrc/cpu/relu_pool_cpu.cpp"]
+    sources = ["csrc/robust_ext.cpp", "csrc/cpu/linf_ops_cpu.cpp", "csrc/cpu/relu_pool_cpu.cpp",
+               "csrc/cpu/batch_norm_relu_cpu.cpp"]
     torch_version = torch.__version__.split("+")[0]
     # -ffp-contract=off / --fmad=false: no fused multiply-add, so the kernels round exactly as
     # reference.py does (fp32/fp64 results are bit-identical).

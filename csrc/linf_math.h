@@ -52,6 +52,24 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T fgsm(T x, T grad, T eps, T lo, T hi) {
   return clamp(x + eps * sign_or_zero(grad), lo, hi);
 }
 
+// ---- Inference-mode BatchNorm + ReLU (robust_ext::batch_norm_relu) ------------------------------
+//
+// relu(x * scale + shift), scale and shift per channel (batch_norm_relu_cpu.cpp derives them from the
+// running statistics with ATen ops, as reference.batch_norm_relu does). A multiply then an add, never an
+// FMA (the build passes -ffp-contract=off), as the reference's ATen ops. NaN propagates.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T affine_relu(T x, T scale, T shift) {
+  const T v = x * scale + shift;
+  return v <= T(0) ? T(0) : v;
+}
+
+// Its input gradient from the output: ReLU passes grad_out where out is not <= 0 (so a NaN output
+// passes it, as ATen's threshold_backward), then the affine map scales it.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T affine_relu_grad(T grad_out, T out, T scale) {
+  return out <= T(0) ? T(0) : grad_out * scale;
+}
+
 // ---- Random init: Philox4x32-10 (Salmon et al., SC'11), counter-based ----------------------------
 //
 // Element i (logical, row-major index) draws one 32-bit word of Philox(key = seed, counter = c(i)),

@@ -57,6 +57,13 @@ TORCH_LIBRARY(robust_ext, m) {
   m.def("relu_max_pool2d(Tensor x) -> (Tensor, Tensor)");
   m.def("relu_max_pool2d_backward(Tensor grad_out, Tensor code, SymInt in_h, SymInt in_w, bool channels_last) "
         "-> Tensor");
+  // Inference-mode BatchNorm + ReLU: relu(batch_norm(x, running stats)) (CPU; other devices use ATen's
+  // ops). The backward gives the input gradient from the output (the mask is out <= 0); weight and bias
+  // gradients, when wanted, come from robust_ext/batchnorm.py in ATen ops.
+  m.def("batch_norm_relu(Tensor x, Tensor? weight, Tensor? bias, Tensor running_mean, Tensor running_var, "
+        "float eps) -> Tensor");
+  m.def("batch_norm_relu_backward(Tensor grad_out, Tensor out, Tensor? weight, Tensor running_var, float eps) "
+        "-> Tensor");
   m.def("build_info() -> str", &build_info);
 }
 

@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._io import atomic_write
+from .batchnorm import bn_relu
 from .pooling import ReLUMaxPool2d
 
 log = logging.getLogger(__name__)
@@ -118,9 +119,9 @@ class PreActBlock(nn.Module):
                          if stride != 1 or in_channels != out_channels else None)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(x))
+        out = bn_relu(self.bn1, x)
         shortcut = x if self.shortcut is None else self.shortcut(out)
-        out = self.conv2(F.relu(self.bn2(self.conv1(out))))
+        out = self.conv2(bn_relu(self.bn2, self.conv1(out)))
         return out + shortcut
 
 
@@ -156,7 +157,7 @@ class PreActResNet(nn.Module):
                             "blocks": list(blocks)}
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn(self.layers(self.stem(x))))
+        out = bn_relu(self.bn, self.layers(self.stem(x)))
         return self.fc(torch.flatten(F.adaptive_avg_pool2d(out, 1), 1))
 
 

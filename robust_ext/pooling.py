@@ -22,13 +22,13 @@ import torch
 from torch import nn
 from torch._prims_common import suggest_memory_format
 
+from . import _fused, reference
 from . import ops as _ops
-from . import reference
 
 __all__ = ["relu_max_pool2d", "ReLUMaxPool2d"]
 
 _OP = "robust_ext::relu_max_pool2d"
-_HAS_CPU_KERNEL = _ops._EXT is not None and torch._C._dispatch_has_kernel_for_dispatch_key(_OP, "CPU")
+_HAS_CPU_KERNEL = _fused.has_cpu_kernel(_OP)
 
 
 def _check(x):
@@ -42,17 +42,10 @@ def _check(x):
         raise ValueError(f"x must be at least 2x2 in H and W, got shape {tuple(x.shape)}")
 
 
-def _transformed(x) -> bool:
-    """Under torch.func transforms (grad, vmap, jvp) or with a forward-mode AD tangent: the op has only a
-    reverse-mode formula, so these take ATen's ops (which have every rule)."""
-    return (torch._C._functorch.peek_interpreter_stack() is not None
-            or torch.autograd.forward_ad.unpack_dual(x).tangent is not None)
-
-
 def relu_max_pool2d(x: torch.Tensor) -> torch.Tensor:
     """``max_pool2d(relu(x), kernel_size=2, stride=2)`` for a 4-D float tensor (odd H/W: floor mode)."""
     _check(x)
-    if _HAS_CPU_KERNEL and x.is_cpu and not _transformed(x):
+    if _fused.use_cpu_kernel(_HAS_CPU_KERNEL, x):
         return torch.ops.robust_ext.relu_max_pool2d.default(x)[0]
     return reference.relu_max_pool2d(x)
 

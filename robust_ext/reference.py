@@ -231,3 +231,19 @@ def linf_random_init(x, eps, clip_min, clip_max, seed, eps_t=None):
 def relu_max_pool2d(x):
     """``max_pool2d(relu(x), kernel_size=2, stride=2)``: the fused pooling op's semantics, value and gradient."""
     return torch.nn.functional.max_pool2d(torch.relu(x), 2)
+
+
+def batch_norm_relu(x, running_mean, running_var, weight=None, bias=None, eps=1e-5):
+    """``relu(batch_norm(x))`` with the running statistics (inference mode), channel dim 1: computed in
+    float32 (float64 for float64 ``x``) as ``x * scale + shift`` with ``scale = reciprocal(sqrt(running_var
+    + eps)) * weight`` and ``shift = bias - running_mean * scale`` (ATen's inference terms, in its order),
+    ReLU, then rounded to ``x``'s dtype: the semantics of ``robust_ext::batch_norm_relu``, value and
+    gradient (the kernel derives scale and shift with these same ATen ops)."""
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    shape = (1, -1) + (1,) * (x.dim() - 2)
+    scale = torch.reciprocal(torch.sqrt(running_var.to(ct) + eps))
+    if weight is not None:
+        scale = scale * weight.to(ct)
+    shift = running_mean.to(ct) * scale
+    shift = torch.neg(shift) if bias is None else bias.to(ct) - shift
+    return torch.relu(x.to(ct) * scale.view(shape) + shift.view(shape)).to(x.dtype)

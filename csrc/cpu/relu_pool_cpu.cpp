@@ -28,33 +28,12 @@
 
 #include "../checks.h"
 #include "clones.h"
+#include "words.h"
 
 namespace robust_ext {
 namespace {
 
 constexpr uint8_t kNoGrad = 4;
-
-// Storage word <-> compute type. bf16 is the top half of an fp32: a shift each way, which vectorizes
-// (c10::BFloat16's conversions do not). The result is one of the inputs (or 0 or NaN), so narrowing
-// never rounds.
-template <typename S> struct Word { using type = S; };
-template <> struct Word<c10::BFloat16> { using type = uint16_t; };
-
-C10_ALWAYS_INLINE float widen(float w) { return w; }
-C10_ALWAYS_INLINE double widen(double w) { return w; }
-C10_ALWAYS_INLINE float widen(c10::Half w) { return static_cast<float>(w); }
-C10_ALWAYS_INLINE float widen(uint16_t w) {
-  const uint32_t bits = static_cast<uint32_t>(w) << 16;
-  float f;
-  std::memcpy(&f, &bits, sizeof f);
-  return f;
-}
-template <typename W, typename T> C10_ALWAYS_INLINE W narrow(T v) { return static_cast<W>(v); }
-template <> C10_ALWAYS_INLINE uint16_t narrow<uint16_t, float>(float v) {
-  uint32_t bits;
-  std::memcpy(&bits, &v, sizeof bits);
-  return static_cast<uint16_t>(bits >> 16);
-}
 
 // v if `keep`, else +0: a bit mask, so the gradient scatter loops stay branch-free and vectorize.
 template <typename W>
@@ -91,7 +70,7 @@ C10_ALWAYS_INLINE void combine(T l, int bl, T r, int br, W& out, uint8_t& code) 
   const T m = pick_r ? r : l;
   const int k = pick_r ? kr : kl;
   const int k_nan = rn ? (ln ? (kr > kl ? kr : kl) : kr) : kl;
-  out = narrow<W>((ln | rn) ? std::numeric_limits<T>::quiet_NaN() : (m > T(0) ? m : T(0)));
+  out = narrow_exact<W>((ln | rn) ? std::numeric_limits<T>::quiet_NaN() : (m > T(0) ? m : T(0)));
   code = static_cast<uint8_t>((ln | rn) ? k_nan : (m > T(0) ? k : int{kNoGrad}));
 }
 
