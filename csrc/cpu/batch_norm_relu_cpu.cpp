@@ -35,11 +35,14 @@ namespace {
 template <typename W, typename T>
 RX_CLONES void forward_planes(const W* __restrict x, int64_t b, int64_t e, int64_t inner, int64_t C,
                               const T* __restrict scale, const T* __restrict shift, W* __restrict y) {
-  for (int64_t i = b; i < e;) {
-    const int64_t p = i / inner, end = std::min(e, (p + 1) * inner), c = p % C;
+  const int64_t p0 = b / inner;
+  for (int64_t i = b, c = p0 % C, off = b - p0 * inner; i < e; off = 0, c = c + 1 == C ? 0 : c + 1) {
+    const int64_t n = std::min(e - i, inner - off);
     const T s = scale[c], t = shift[c];
-    for (int64_t j = i; j < end; ++j) y[j] = narrow_round<W>(math::affine_relu<T>(widen(x[j]), s, t));
-    i = end;
+    const W* xr = x + i;
+    W* yr = y + i;
+    for (int64_t j = 0; j < n; ++j) yr[j] = narrow_round<W>(math::affine_relu<T>(widen(xr[j]), s, t));
+    i += n;
   }
 }
 
@@ -78,11 +81,15 @@ RX_CLONES void forward_rows(const W* __restrict x, int64_t b, int64_t e, int64_t
 template <typename W, typename T>
 RX_CLONES void backward_planes(const W* __restrict g, const W* __restrict y, int64_t b, int64_t e, int64_t inner,
                                int64_t C, const T* __restrict scale, W* __restrict gi) {
-  for (int64_t i = b; i < e;) {
-    const int64_t p = i / inner, end = std::min(e, (p + 1) * inner);
-    const T s = scale[p % C];
-    for (int64_t j = i; j < end; ++j) gi[j] = narrow_round<W>(math::affine_relu_grad<T>(widen(g[j]), widen(y[j]), s));
-    i = end;
+  const int64_t p0 = b / inner;
+  for (int64_t i = b, c = p0 % C, off = b - p0 * inner; i < e; off = 0, c = c + 1 == C ? 0 : c + 1) {
+    const int64_t n = std::min(e - i, inner - off);
+    const T s = scale[c];
+    const W* gr = g + i;
+    const W* yr = y + i;
+    W* ir = gi + i;
+    for (int64_t j = 0; j < n; ++j) ir[j] = narrow_round<W>(math::affine_relu_grad<T>(widen(gr[j]), widen(yr[j]), s));
+    i += n;
   }
 }
 
