@@ -5,6 +5,11 @@ ROBUST_EXT_BUILD picks what is built:
   cuda    CPU + CUDA kernels even on a machine without a GPU (fails if nvcc is missing)
   cpu     CPU kernels only
   python  no extension: robust_ext runs on its pure-PyTorch reference implementation
+
+ROBUST_EXT_CPU_ISA picks the CPU loops' instruction sets (x86-64 with GCC):
+  auto      (default) AVX-512, AVX2 and baseline clones of every loop, the best picked at run time
+  avx2      AVX2 (x86-64-v3) only; baseline  baseline x86-64 only -- for testing, on an AVX-512 machine,
+            the code the other clones hold (.ci/check_isa.sh); an avx2 build needs an AVX2 CPU to run
 """
 import os
 import sys
@@ -12,6 +17,7 @@ import sys
 from setuptools import setup
 
 MODES = ("auto", "cuda", "cpu", "python")
+ISAS = {"auto": [], "avx2": [("RX_ISA_V3", None)], "baseline": [("RX_ISA_BASELINE", None)]}
 
 
 def _say(msg):
@@ -22,6 +28,9 @@ def ext_modules_and_cmdclass():
     mode = os.environ.get("ROBUST_EXT_BUILD", "auto").strip().lower()
     if mode not in MODES:
         raise SystemExit(f"ROBUST_EXT_BUILD must be one of {', '.join(MODES)}, got {mode!r}")
+    isa = os.environ.get("ROBUST_EXT_CPU_ISA", "auto").strip().lower()
+    if isa not in ISAS:
+        raise SystemExit(f"ROBUST_EXT_CPU_ISA must be one of {', '.join(ISAS)}, got {isa!r}")
     if mode == "python":
         _say("mode=python: no extension; the pure-PyTorch reference serves every op")
         return [], {}
@@ -45,7 +54,7 @@ def ext_modules_and_cmdclass():
     # reference.py does (fp32/fp64 results are bit-identical).
     cxx = ["-O3", "-g0", "-fopenmp", "-ffp-contract=off", "-fno-trapping-math", f'-DROBUST_EXT_TORCH_VERSION="{torch_version}"']
     nvcc = ["-O3", "--fmad=false", "--extended-lambda", "--expt-relaxed-constexpr", "-lineinfo"]
-    macros = []
+    macros = list(ISAS[isa])
     if with_cuda:
         sources.append("csrc/cuda/linf_ops_cuda.cu")
         macros.append(("ROBUST_EXT_WITH_CUDA", None))
@@ -53,7 +62,7 @@ def ext_modules_and_cmdclass():
     else:
         ext_cls = ce.CppExtension
     _say(f"mode={mode} torch={torch.__version__} cuda_torch={has_cuda_torch} nvcc={ce.CUDA_HOME} "
-         f"-> CPU kernels: yes, CUDA kernels: {'yes' if with_cuda else 'no'}; "
+         f"-> CPU kernels: yes (ISA {isa}), CUDA kernels: {'yes' if with_cuda else 'no'}; "
          f"arch list: {os.environ.get('TORCH_CUDA_ARCH_LIST', 'torch default') if with_cuda else '-'}")
     ext = ext_cls(
         name="robust_ext._C",

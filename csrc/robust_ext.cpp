@@ -7,6 +7,8 @@
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
+#include "cpu/clones.h"
+
 namespace robust_ext {
 namespace {
 
@@ -28,7 +30,11 @@ std::string build_info() {
 #else
   s += "; CPU threads: none (built without -fopenmp)";
 #endif
+#if defined(RX_ISA_ONLY)
+  s += "; CPU loops: " RX_ISA_ONLY;
+#else
   s += "; CPU loops: run-time ISA dispatch, selected " + cpu_isa();
+#endif
 #ifdef ROBUST_EXT_WITH_CUDA
   s += "; CUDA kernels: compiled";
 #else

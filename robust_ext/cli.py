@@ -52,7 +52,7 @@ def _load_data(name: str, data_dir: Optional[str], split: str, n: Optional[int])
     if n is not None:
         if n < 1:
             raise UsageError(f"-n must be >= 1, got {n}")
-        ds = torch.utils.data.Subset(ds, range(min(n, len(ds))))
+        ds = torch.utils.data.TensorDataset(*(t[:n] for t in ds.tensors))
     return ds
 
 
@@ -146,7 +146,7 @@ def cmd_attack(args) -> int:
     import torch
 
     from . import attacks
-    from .evaluation.metrics import perturbation_norms
+    from .evaluation.metrics import perturbation_norms, success_rate
     from .evaluation.plots import plot_adversarial_examples
 
     if args.batch_size < 1:
@@ -155,8 +155,7 @@ def cmd_attack(args) -> int:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     ds = _load_data(args.data, args.data_dir, args.split, args.n)
     model = _load_model(args.model, ds[0])
-    x = torch.stack([ds[i][0] for i in range(len(ds))])
-    y = torch.tensor([int(ds[i][1]) for i in range(len(ds))])
+    x, y = ds.tensors
     gen = torch.Generator().manual_seed(args.seed)
     alpha = args.alpha if args.alpha is not None else 2.5 * args.eps / args.steps
     run = {"fgsm": lambda xb, yb: attacks.fgsm(model, xb, yb, eps=args.eps),
@@ -183,7 +182,7 @@ def cmd_attack(args) -> int:
               "eps": args.eps, "alpha": alpha if args.attack in ("bim", "pgd") else None,
               "steps": args.steps if args.attack in ("bim", "pgd") else 1,
               "clean_accuracy": correct.float().mean().item(), "robust_accuracy": robust.float().mean().item(),
-              "success_rate": ((correct & ~robust).sum() / correct.sum().clamp_min(1)).item(), "norms": norms}
+              "success_rate": success_rate(int(correct.sum()), int(robust.sum())), "norms": norms}
     torch.save({"x_adv": x_adv, "y": y, "clean_pred": clean_pred, "adv_pred": adv_pred}, out / "adversarial.pt")
     write_json(out / "attack.json", result)
     plot_adversarial_examples(model, x[:8], y[:8], x_adv[:8], out / "adversarial_examples.png")

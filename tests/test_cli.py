@@ -90,3 +90,20 @@ def test_demo_pipeline_small(tmp_path):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "demo.json").read_text())["targets"].keys() >= {"standard_clean", "robust_clean"}
     assert "BIM accuracy over eps" in format_demo(summary)
+
+
+def test_attack_success_rate_is_none_without_correct_samples(tmp_path, capsys):
+    """No sample classified correctly: the success rate is undefined (None), not 0."""
+    from robust_ext.data import load_dataset
+    label = int(load_dataset("mnist5k", split="test").tensors[1][0])
+    model = SmallCNN()
+    with torch.no_grad():  # a constant model that always answers a wrong class
+        model.classifier.weight.zero_()
+        model.classifier.bias.zero_()
+        model.classifier.bias[(label + 1) % 10] = 1.0
+    ckpt = tmp_path / "wrong.pt"
+    save_checkpoint(ckpt, model)
+    code, _, _ = run(capsys, "attack", "--model", str(ckpt), "--data", "mnist5k", "--split", "test", "-n", "1",
+                     "--attack", "fgsm", "--eps", "0.1", "--out", str(tmp_path / "out"))
+    report = json.loads((tmp_path / "out" / "attack.json").read_text())
+    assert code == 0 and report["clean_accuracy"] == 0.0 and report["success_rate"] is None

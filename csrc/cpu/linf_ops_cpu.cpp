@@ -70,7 +70,7 @@ RX_CLONES void fgsm_row(S* __restrict out, const S* __restrict x, const S* __res
 constexpr int kBlocks = 2;
 using Words = uint32_t[kBlocks][4][math::kLanes];
 
-#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+#if defined(RX_AVX512_CODE)
 __attribute__((target("avx512f"))) void philox_blocks_avx512(uint64_t c_base, uint32_t k0, uint32_t k1, Words& w) {
   const __m512i m0 = _mm512_set1_epi32(static_cast<int>(math::kPhiloxM0));
   const __m512i m1 = _mm512_set1_epi32(static_cast<int>(math::kPhiloxM1));
