@@ -25,6 +25,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from ._io import atomic_write
+from . import _fused
 from .batchnorm import bn_relu
 from .pooling import ReLUMaxPool2d
 
@@ -103,7 +104,15 @@ class SmallCNN(nn.Module):
         if tuple(x.shape[-2:]) != self.input_hw:
             raise ValueError(f"SmallCNN was built for {self.input_hw[0]}x{self.input_hw[1]} inputs, "
                              f"got shape {tuple(x.shape)}")
-        return self.classifier(torch.flatten(self.features(x), 1))
+        f = self.features(x)
+        if not _fused.transformed(f) and f.is_contiguous(memory_format=torch.channels_last) \
+                and not f.is_contiguous() and not (self.classifier._forward_hooks or self.classifier._forward_pre_hooks):
+            # channels_last: flatten in (h, w, c) order -- a view, where torch.flatten would copy the map to
+            # NCHW order (and back in the backward) -- against the classifier's weight permuted to match.
+            n, c, h, w = f.shape
+            weight = self.classifier.weight.view(-1, c, h, w).permute(0, 2, 3, 1).reshape(-1, c * h * w)
+            return F.linear(f.permute(0, 2, 3, 1).reshape(n, -1), weight, self.classifier.bias)
+        return self.classifier(torch.flatten(f, 1))
 
 
 class PreActBlock(nn.Module):

@@ -69,6 +69,33 @@ def test_small_cnn_shapes_and_parameter_count(cfg):
     assert models.count_parameters(model) == expected
 
 
+@pytest.mark.parametrize("cfg", [dict(), dict(in_channels=3, input_size=(20, 24), padding=0)])
+def test_small_cnn_channels_last_classifier_equals_nchw(cfg):
+    """In channels_last the classifier reads the map in (h, w, c) order against a permuted weight (no copy
+    of the map): logits, input gradients and weight gradients equal the NCHW model's to rounding, and
+    hooks on the classifier still run (they take the plain path)."""
+    torch.manual_seed(0)
+    model = SmallCNN(**cfg)
+    twin = SmallCNN(**cfg)
+    twin.load_state_dict(model.state_dict())
+    twin.to(memory_format=torch.channels_last)
+    h, w = model.input_hw
+    x = torch.rand(6, cfg.get("in_channels", 1), h, w)
+    y = torch.arange(6) % 10
+    grads = []
+    for m, xin in ((model, x), (twin, x.contiguous(memory_format=torch.channels_last))):
+        xin = xin.clone().requires_grad_(True)
+        loss = torch.nn.functional.cross_entropy(m(xin), y)
+        loss.backward()
+        grads.append((m(xin).detach(), xin.grad, m.classifier.weight.grad))
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    seen = []
+    twin.classifier.register_forward_hook(lambda mod, i, o: seen.append(i[0].shape))
+    twin(x.contiguous(memory_format=torch.channels_last))
+    assert len(seen) == 1
+
+
 def test_small_cnn_refuses_wrong_sizes():
     with pytest.raises(ValueError, match="28x28"):
         SmallCNN()(torch.rand(1, 1, 32, 32))
