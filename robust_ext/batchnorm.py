@@ -5,9 +5,9 @@ An attack runs the model in eval mode, where a BatchNorm layer is a per-channel 
 (functional) then run ``robust_ext::batch_norm_relu`` on CPU: one read of ``x`` and one write forward,
 one read of the gradient and of the output and one write backward. ATen takes two ops each way and,
 under bf16 autocast, returns BatchNorm's output in float32, so each layer also pays conversions around
-the next convolution. On the pre-activation ResNet's bf16 channels_last attack step (batch 128, 2
-threads) that took the step from ~38 to ~33 ms and the op-level CPU time from 42 to 25 ms
-(``benchmarks/bench_attack.py`` has the end-to-end figures).
+the next convolution. The pre-activation ResNet's attack step (batch 128, 2 threads) is 1.13-1.18x
+faster in bf16 channels_last and 1.19-1.26x in fp32 with it (README; ``benchmarks/bench_layers.py`` has
+the layer alone, ``benchmarks/bench_attack.py`` the end-to-end figures).
 
 Everywhere else it is ATen's ``F.relu(bn(x))`` unchanged: in training mode (batch statistics), without
 running statistics, when the layer has forward hooks, on CUDA, without the extension
