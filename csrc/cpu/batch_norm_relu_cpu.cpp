@@ -124,6 +124,25 @@ Walk walk_of(const at::Tensor& t) {
 
 constexpr int64_t kGrain = 32768;
 
+// What the loops walk for a result `out` (empty_like the input): the input itself when it is planes or
+// rows, else a contiguous copy, with the result then going to a contiguous buffer that done() copies
+// into `out`. C and inner (elements per channel plane) for the walk.
+struct Walked {
+  at::Tensor t, res;
+  Walk walk;
+  int64_t C, inner;
+  Walked(const at::Tensor& t_in, const at::Tensor& out) : walk(walk_of(t_in)) {
+    t = walk == Walk::kCopy ? t_in.contiguous() : t_in;
+    res = walk == Walk::kCopy ? at::empty_like(t) : out;
+    if (walk == Walk::kCopy) walk = walk_of(t);
+    C = t.size(1);
+    inner = t.numel() / std::max<int64_t>(1, t.size(0) * C);
+  }
+  void done(at::Tensor& out) const {
+    if (!res.is_same(out)) out.copy_(res);
+  }
+};
+
 at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kDouble : at::kFloat; }
 
 void check_input(const at::Tensor& x, const char* name) {
@@ -169,25 +188,21 @@ at::Tensor batch_norm_relu(const at::Tensor& x_in, const c10::optional<at::Tenso
   const at::Tensor mean = channel_vector(mean_in, "running_mean", x_in), var = channel_vector(var_in, "running_var", x_in);
   at::Tensor out = at::empty_like(x_in);
   if (x_in.numel() == 0) return out;
-  Walk walk = walk_of(x_in);
-  const at::Tensor x = walk == Walk::kCopy ? x_in.contiguous() : x_in;
-  at::Tensor y = walk == Walk::kCopy ? at::empty_like(x) : out;
-  if (walk == Walk::kCopy) walk = walk_of(x);
-  const int64_t C = x.size(1), inner = x.numel() / (x.size(0) * C);
-  RX_DISPATCH_FLOATS(x.scalar_type(), "batch_norm_relu", [&] {
+  const Walked w(x_in, out);
+  RX_DISPATCH_FLOATS(w.t.scalar_type(), "batch_norm_relu", [&] {
     using Wd = typename Word<scalar_t>::type;
     using T = compute_t<scalar_t>;
     const at::Tensor scale_t = bn_scale(weight, var, eps), shift_t = bn_shift(bias, mean, scale_t);
     const T* scale = scale_t.const_data_ptr<T>();
     const T* shift = shift_t.const_data_ptr<T>();
-    const Wd* px = static_cast<const Wd*>(x.const_data_ptr());
-    Wd* py = static_cast<Wd*>(y.data_ptr());
-    at::parallel_for(0, x.numel(), kGrain, [&](int64_t b, int64_t e) {
-      if (walk == Walk::kPlanes) forward_planes<Wd, T>(px, b, e, inner, C, scale, shift, py);
-      else forward_rows<Wd, T>(px, b, e, C, scale, shift, py);
+    const Wd* px = static_cast<const Wd*>(w.t.const_data_ptr());
+    Wd* py = static_cast<Wd*>(w.res.data_ptr());
+    at::parallel_for(0, w.t.numel(), kGrain, [&](int64_t b, int64_t e) {
+      if (w.walk == Walk::kPlanes) forward_planes<Wd, T>(px, b, e, w.inner, w.C, scale, shift, py);
+      else forward_rows<Wd, T>(px, b, e, w.C, scale, shift, py);
     });
   });
-  if (!y.is_same(out)) out.copy_(y);
+  w.done(out);
   return out;
 }
 
@@ -206,29 +221,25 @@ at::Tensor batch_norm_relu_backward(const at::Tensor& grad_out, const at::Tensor
   const at::Tensor var = channel_vector(var_in, "running_var", out);
   at::Tensor gi = at::empty_like(out);
   if (out.numel() == 0) return gi;
-  Walk walk = walk_of(out);
-  const at::Tensor y = walk == Walk::kCopy ? out.contiguous() : out;
-  if (walk == Walk::kCopy) walk = walk_of(y);
-  // grad_out in y's layout (autograd may hand it in another).
-  const at::Tensor g = y.is_contiguous() ? grad_out.contiguous()
-                                         : grad_out.contiguous(y.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
-                                                                            : at::MemoryFormat::ChannelsLast);
-  at::Tensor res = y.is_same(out) ? gi : at::empty_like(y);
-  const int64_t C = y.size(1), inner = y.numel() / (y.size(0) * C);
-  RX_DISPATCH_FLOATS(y.scalar_type(), "batch_norm_relu_backward", [&] {
+  const Walked w(out, gi);
+  // grad_out in the walked layout (autograd may hand it in another).
+  const at::Tensor g = w.t.is_contiguous() ? grad_out.contiguous()
+                                           : grad_out.contiguous(w.t.dim() == 5 ? at::MemoryFormat::ChannelsLast3d
+                                                                                : at::MemoryFormat::ChannelsLast);
+  RX_DISPATCH_FLOATS(w.t.scalar_type(), "batch_norm_relu_backward", [&] {
     using Wd = typename Word<scalar_t>::type;
     using T = compute_t<scalar_t>;
     const at::Tensor scale_t = bn_scale(weight, var, eps);
     const T* scale = scale_t.const_data_ptr<T>();
     const Wd* pg = static_cast<const Wd*>(g.const_data_ptr());
-    const Wd* py = static_cast<const Wd*>(y.const_data_ptr());
-    Wd* pi = static_cast<Wd*>(res.data_ptr());
-    at::parallel_for(0, y.numel(), kGrain, [&](int64_t b, int64_t e) {
-      if (walk == Walk::kPlanes) backward_planes<Wd, T>(pg, py, b, e, inner, C, scale, pi);
-      else backward_rows<Wd, T>(pg, py, b, e, C, scale, pi);
+    const Wd* py = static_cast<const Wd*>(w.t.const_data_ptr());
+    Wd* pi = static_cast<Wd*>(w.res.data_ptr());
+    at::parallel_for(0, w.t.numel(), kGrain, [&](int64_t b, int64_t e) {
+      if (w.walk == Walk::kPlanes) backward_planes<Wd, T>(pg, py, b, e, w.inner, w.C, scale, pi);
+      else backward_rows<Wd, T>(pg, py, b, e, w.C, scale, pi);
     });
   });
-  if (!res.is_same(gi)) gi.copy_(res);
+  w.done(gi);
   return gi;
 }
 
