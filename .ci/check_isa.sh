@@ -21,14 +21,18 @@ for isa in ${ISAS:-avx2 baseline}; do
   t=$(date +%s)
   tree="$work/$isa"
   mkdir -p "$tree"
-  # The tracked files plus untracked, not ignored ones: the tree as it stands, without build outputs.
-  git ls-files -z --cached --others --exclude-standard | xargs -0 cp --parents -t "$tree"
+  # The tracked files plus untracked, not ignored ones: the tree as it stands, without build outputs
+  # (and without tracked files deleted in the working tree).
+  git ls-files -z --cached --others --exclude-standard \
+    | while IFS= read -r -d '' f; do [[ -e $f ]] && printf '%s\0' "$f"; done \
+    | xargs -0 cp --parents -t "$tree"
   (cd "$tree" && ROBUST_EXT_CPU_ISA=$isa python setup.py -q build_ext --inplace >build.log 2>&1) \
     || { tail -30 "$tree/build.log"; echo "check_isa: $isa: build FAILED" >&2; exit 1; }
   # From the scratch tree, `python -m` puts it first on sys.path: its robust_ext, not the installed one.
   info=$(cd "$tree" && python -c "import robust_ext; print(robust_ext.__file__); print(robust_ext.build_info())")
   if [[ $info != "$tree/robust_ext/"* || $info != *"only, forced by ROBUST_EXT_CPU_ISA"* ]]; then
-    echo "check_isa: $isa: the scratch build is not the one imported: $info" >&2
+    echo "check_isa: $isa: the scratch build is not the one imported, or not a single-ISA build" \
+         "(ROBUST_EXT_CPU_ISA needs GCC on x86-64): $info" >&2
     exit 1
   fi
   (cd "$tree" && python -m pytest -q -p no:cacheprovider "${tests[@]}")

@@ -64,10 +64,11 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T affine_relu(T x, T scale, T shift) {
 }
 
 // Its input gradient from the output: ReLU passes grad_out where out is not <= 0 (so a NaN output
-// passes it, as ATen's threshold_backward), then the affine map scales it.
+// passes it, as ATen's threshold_backward), then the affine map scales it -- a stopped gradient too, so
+// its zero takes the sign of scale as in ATen's batch_norm backward.
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T affine_relu_grad(T grad_out, T out, T scale) {
-  return out <= T(0) ? T(0) : grad_out * scale;
+  return (out <= T(0) ? T(0) : grad_out) * scale;
 }
 
 // ---- Random init: Philox4x32-10 (Salmon et al., SC'11), counter-based ----------------------------

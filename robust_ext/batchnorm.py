@@ -10,7 +10,7 @@ faster in bf16 channels_last and 1.19-1.26x in fp32 with it (README; ``benchmark
 the layer alone, ``benchmarks/bench_attack.py`` the end-to-end figures).
 
 Everywhere else it is ATen's ``F.relu(bn(x))`` unchanged: in training mode (batch statistics), without
-running statistics, when the layer has forward hooks, on CUDA, without the extension
+running statistics, when the layer has hooks (its own or global ones) or a subclass ``forward``, on CUDA, without the extension
 (``ROBUST_EXT_BACKEND=reference``), and under ``torch.func`` transforms or forward-mode AD.
 
 Semantics (:func:`robust_ext.reference.batch_norm_relu`): ATen's inference-mode terms
@@ -63,7 +63,7 @@ def _check(x, tensors, eps):
             raise TypeError(f"{name} must be a float tensor, got {t.dtype}")
         if t.device != x.device:
             raise ValueError(f"{name} must be on the same device as x ({x.device}), got {t.device}")
-    if not (isinstance(eps, (int, float)) and 0 <= eps < float("inf")):
+    if isinstance(eps, bool) or not (isinstance(eps, (int, float)) and 0 <= eps < float("inf")):
         raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
 
 
@@ -84,8 +84,8 @@ def bn_relu(bn: nn.modules.batchnorm._BatchNorm, x: torch.Tensor) -> torch.Tenso
 
     A model calls it in place of ``F.relu(self.bn(x))``; the layer stays an ordinary BatchNorm module
     (state_dict, ``convert_sync_batchnorm``, training mode unchanged)."""
-    if (bn.training or bn.running_mean is None or bn.running_var is None or bn._forward_hooks
-            or bn._forward_pre_hooks or not isinstance(x, torch.Tensor) or x.dtype not in reference._FLOATS
+    if (bn.training or bn.running_mean is None or bn.running_var is None or not _fused.plain_call(bn)
+            or not isinstance(x, torch.Tensor) or x.dtype not in reference._FLOATS
             or not _fused.use_cpu_kernel(_HAS_CPU_KERNEL, x)):
         return F.relu(bn(x))
     bn._check_input_dim(x)
@@ -100,8 +100,8 @@ def _needed(ctx, i: int) -> bool:
     does not need BatchNorm's weight/bias gradients, though they require grad; ``loss.backward()`` does."""
     if not ctx.needs_input_grad[i]:
         return False
-    try:
-        node = ctx.next_functions[i][0]
+    try:  # next_functions has one edge per tensor argument (None arguments have none)
+        node = ctx.next_functions[ctx.edges[i]][0]
         return node is not None and bool(torch._C._will_engine_execute_node(node))
     except Exception:  # outside the autograd engine (a traced backward): compute it
         return True
@@ -110,6 +110,8 @@ def _needed(ctx, i: int) -> bool:
 def _setup_context(ctx, inputs, output):
     x, weight, bias, mean, var, eps = inputs
     ctx.eps = eps
+    tensors = [isinstance(t, torch.Tensor) for t in inputs]
+    ctx.edges = [sum(tensors[:i]) if tensors[i] else None for i in range(len(inputs))]
     ctx.bias_dtype = bias.dtype if bias is not None else None
     wants_params = any(t is not None and t.requires_grad for t in (weight, bias))
     ctx.save_for_backward(x if wants_params else None, output, weight, mean, var)
@@ -130,7 +132,7 @@ def _backward(ctx, grad):
     gx = gw = gb = None
     if torch.is_grad_enabled():  # create_graph=True: the same formula in differentiable ATen ops
         _, scale = _terms(weight, mean, var, ctx.eps, ct, shape)
-        gx = torch.where(out <= 0, 0, grad.to(ct) * scale).to(out.dtype) if need_x else None
+        gx = (torch.where(out <= 0, 0, grad.to(ct)) * scale).to(out.dtype) if need_x else None
     elif need_x:
         gx = torch.ops.robust_ext.batch_norm_relu_backward.default(grad, out, weight, var, ctx.eps)
     if need_w or need_b:

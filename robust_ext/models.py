@@ -105,8 +105,8 @@ class SmallCNN(nn.Module):
             raise ValueError(f"SmallCNN was built for {self.input_hw[0]}x{self.input_hw[1]} inputs, "
                              f"got shape {tuple(x.shape)}")
         f = self.features(x)
-        if not _fused.transformed(f) and f.is_contiguous(memory_format=torch.channels_last) \
-                and not f.is_contiguous() and not (self.classifier._forward_hooks or self.classifier._forward_pre_hooks):
+        if (type(self.classifier) is nn.Linear and _fused.plain_call(self.classifier) and not _fused.transformed(f)
+                and f.is_contiguous(memory_format=torch.channels_last) and not f.is_contiguous()):
             # channels_last: flatten in (h, w, c) order -- a view, where torch.flatten would copy the map to
             # NCHW order (and back in the backward) -- against the classifier's weight permuted to match.
             n, c, h, w = f.shape

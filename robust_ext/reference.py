@@ -246,4 +246,7 @@ def batch_norm_relu(x, running_mean, running_var, weight=None, bias=None, eps=1e
         scale = scale * weight.to(ct)
     shift = running_mean.to(ct) * scale
     shift = torch.neg(shift) if bias is None else bias.to(ct) - shift
-    return torch.relu(x.to(ct) * scale.view(shape) + shift.view(shape)).to(x.dtype)
+    # ReLU on the rounded value, as the kernel (and ATen's relu after a bf16/fp16 batch_norm): a positive
+    # value that rounds to 0 takes no gradient; a value <= 0 gives +0; NaN passes value and gradient.
+    y = (x.to(ct) * scale.view(shape) + shift.view(shape)).to(x.dtype)
+    return torch.where(y <= 0, 0, y)

@@ -49,8 +49,11 @@ def leaf(x):
 
 
 def assert_identical(a, b):
+    """Equal values, NaN where NaN, and the same sign of every zero."""
     assert a.shape == b.shape and a.dtype == b.dtype
     torch.testing.assert_close(a, b, rtol=0, atol=0, equal_nan=True)
+    num = ~a.isnan()
+    assert torch.equal(a.signbit()[num], b.signbit()[num])
 
 
 @pytest.mark.parametrize("shape", SHAPES)
@@ -72,6 +75,71 @@ def test_matches_reference_exactly(dtype, layout_name, shape):
     out.backward(grad)
     ref.backward(grad)
     assert_identical(x1.grad, x2.grad)
+
+
+# numel not a multiple of 3 x the plane or row length: each of the 3 threads' ranges starts mid-plane/row
+@pytest.mark.parametrize("shape,fmt", [((10, 13, 37, 29), torch.contiguous_format),
+                                       ((10, 13, 37, 29), torch.channels_last),
+                                       ((4, 700, 7, 5), torch.channels_last), ((778, 111), torch.contiguous_format),
+                                       ((2, 3, 5, 61, 67), torch.channels_last_3d)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_many_thread_chunks_match_reference(shape, fmt, dtype):
+    """Sizes over several 32768-element chunks with odd C and plane sizes, on 3 threads: chunks start in
+    the middle of planes and rows, where the kernel's first segment is partial."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(3)
+    try:
+        g = torch.Generator().manual_seed(5)
+        x = torch.randn(shape, generator=g).to(dtype).contiguous(memory_format=fmt)
+        grad = torch.randn(shape, generator=g).to(dtype)
+        mean, var, weight, bias = stats(shape[1], seed=6)
+        x1, x2 = leaf(x), leaf(x)
+        out = batch_norm_relu(x1, mean, var, weight, bias)
+        ref = reference.batch_norm_relu(x2, mean, var, weight, bias)
+        assert_identical(out, ref)
+        out.backward(grad)
+        ref.backward(grad)
+        assert_identical(x1.grad, x2.grad)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("dtype,tiny", [(torch.float16, 1e-8), (torch.bfloat16, 1e-45)])
+def test_values_that_round_to_zero_take_no_gradient(dtype, tiny):
+    """A positive value that rounds to 0 in fp16/bf16 is 0 and takes no gradient, in the kernel, the
+    reference and ATen's relu(batch_norm(x)) alike."""
+    x = torch.zeros(1, 1, 2, dtype=dtype)
+    args = (torch.zeros(1), torch.ones(1), torch.ones(1), torch.tensor([tiny]))
+    grads = []
+    for fn in (batch_norm_relu, reference.batch_norm_relu,
+               lambda t, m, v, w, b, eps: F.relu(F.batch_norm(t, m, v, w, b, training=False, eps=eps))):
+        xl = x.clone().requires_grad_(True)
+        out = fn(xl, *args, eps=0.0)
+        out.sum().backward()
+        assert out.tolist() == [[[0.0, 0.0]]]
+        grads.append(xl.grad.tolist())
+    assert grads == [[[[0.0, 0.0]]]] * 3
+
+
+@pytest.mark.parametrize("with_weight,with_bias", [(False, True), (True, False), (False, False)])
+def test_gradients_without_weight_or_bias(with_weight, with_bias):
+    """Absent weight or bias: the other parameter and x still get their gradients (gradcheck)."""
+    g = torch.Generator().manual_seed(4)
+    x = torch.randn(2, 3, 4, dtype=torch.float64, generator=g)
+    x = (x + 0.3 * x.sign()).requires_grad_(True)
+    mean, var, weight, bias = (t.double() for t in stats(3, seed=8))
+    w = weight.requires_grad_(True) if with_weight else None
+    b = bias.requires_grad_(True) if with_bias else None
+    params = [t for t in (w, b) if t is not None]
+    fn = lambda a, *p: batch_norm_relu(  # noqa: E731
+        a, mean, var, p[0] if with_weight else None, p[-1] if with_bias else None)
+    assert torch.autograd.gradcheck(fn, (x, *params))
+    out = batch_norm_relu(x, mean, var, w, b)
+    out.sum().backward()
+    want = F.relu(F.batch_norm(x, mean, var, w, b, training=False))
+    for t in params:
+        ref_grad = torch.autograd.grad(want.sum(), t, retain_graph=True)[0]
+        torch.testing.assert_close(t.grad, ref_grad)
 
 
 @pytest.mark.parametrize("affine", [True, False])
@@ -196,6 +264,26 @@ def test_layer_falls_back_to_aten_where_it_must():
     seen = []
     bn.register_forward_hook(lambda m, i, o: seen.append(o))
     assert torch.equal(bn_relu(bn, x), F.relu(twin(x))) and len(seen) == 1
+    bwd = nn.BatchNorm2d(3).eval()
+    calls = []
+    bwd.register_full_backward_hook(lambda m, gi, go: calls.append(1))
+    xl = x.clone().requires_grad_(True)
+    bn_relu(bwd, xl).sum().backward()
+    assert calls == [1]
+
+    class Doubled(nn.BatchNorm2d):
+        def forward(self, t):
+            return 2 * super().forward(t)
+
+    doubled = Doubled(3).eval()
+    assert torch.equal(bn_relu(doubled, x), F.relu(2 * nn.BatchNorm2d(3).eval()(x)))
+    handle = nn.modules.module.register_module_forward_hook(lambda m, i, o: seen.append(type(m).__name__))
+    try:
+        plain = nn.BatchNorm2d(3).eval()
+        bn_relu(plain, x)
+    finally:
+        handle.remove()
+    assert seen[-1] == "BatchNorm2d"
     stateless = nn.BatchNorm2d(3, track_running_stats=False).eval()
     assert torch.equal(bn_relu(stateless, x), F.relu(F.batch_norm(x, None, None, stateless.weight, stateless.bias,
                                                                   training=True)))

@@ -94,6 +94,10 @@ def test_small_cnn_channels_last_classifier_equals_nchw(cfg):
     twin.classifier.register_forward_hook(lambda mod, i, o: seen.append(i[0].shape))
     twin(x.contiguous(memory_format=torch.channels_last))
     assert len(seen) == 1
+    # a classifier that is not a plain nn.Linear takes the plain path too
+    twin.classifier = nn.Sequential(nn.Dropout(0.0), model.classifier)
+    torch.testing.assert_close(twin(x.contiguous(memory_format=torch.channels_last)), model(x),
+                               rtol=1e-5, atol=1e-6)
 
 
 def test_small_cnn_refuses_wrong_sizes():

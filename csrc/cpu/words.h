@@ -33,8 +33,9 @@ template <> C10_ALWAYS_INLINE uint16_t narrow_exact<uint16_t, float>(float v) {
   return static_cast<uint16_t>(bits >> 16);
 }
 
-// Narrowing a computed value: round to nearest even, as static_cast<c10::BFloat16>(float) (NaN becomes
-// the canonical quiet NaN 0x7FC0, as c10's), written as selects.
+// Narrowing a computed value: round to nearest even, as static_cast<c10::BFloat16>(float), written as
+// selects. NaN becomes the canonical quiet NaN 0x7FC0 (as c10's scalar conversion; ATen's vectorized
+// tensor conversion keeps sign and payload: the same value, other bits).
 template <typename W, typename T> C10_ALWAYS_INLINE W narrow_round(T v) { return static_cast<W>(v); }
 template <> C10_ALWAYS_INLINE uint16_t narrow_round<uint16_t, float>(float v) {
   uint32_t bits;
