@@ -1,5 +1,6 @@
 """robust_ext: fused adversarial-attack ops for PyTorch, with attacks, evaluation and adversarial training."""
 from . import attacks, ops, reference
+from . import batchnorm, pooling  # registers the fused layers' autograd and fake kernels with their ops
 from .attacks import BIM, FGSM, FGSM_RS, PGD, bim, fgsm, fgsm_rs, pgd
 from .ops import backend, build_info
 

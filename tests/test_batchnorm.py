@@ -398,3 +398,23 @@ def test_uses_fused_kernel_only_with_extension(monkeypatch):
         plain = bn_relu(bn, x)
     assert not any("robust_ext" in op for op in log.ops)
     torch.testing.assert_close(fused, plain)
+
+
+def test_raw_ops_are_differentiable_after_import_robust_ext():
+    """`import robust_ext` alone registers both fused ops' autograd: torch.ops calls backprop."""
+    code = (
+        "import torch, robust_ext\n"
+        "x = torch.randn(2, 3, 4, 4, requires_grad=True)\n"
+        "y = torch.ops.robust_ext.batch_norm_relu(x, None, None, torch.zeros(3), torch.ones(3), 0.0)\n"
+        "y.sum().backward()\n"
+        "assert torch.equal(x.grad, (x > 0).float())\n"
+        "x.grad = None\n"
+        "out, code = torch.ops.robust_ext.relu_max_pool2d(x)\n"
+        "out.sum().backward()\n"
+        "assert x.grad.sum() == (out > 0).sum()\n"
+        "print('ok')\n")
+    import subprocess
+    import sys
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert res.returncode == 0 and res.stdout.strip() == "ok", res.stderr[-2000:]
+
