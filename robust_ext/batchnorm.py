@@ -130,14 +130,16 @@ def _backward(ctx, grad):
     need_x = ctx.needs_input_grad[0]
     need_w, need_b = _needed(ctx, 1), _needed(ctx, 2)
     gx = gw = gb = None
-    if torch.is_grad_enabled():  # create_graph=True: the same formula in differentiable ATen ops
+    create_graph = torch.is_grad_enabled()
+    # The gradient ReLU passes, in ATen ops: for double backward and for the parameter gradients.
+    passed = torch.where(out <= 0, 0, grad.to(ct)) if (create_graph and need_x) or need_w or need_b else None
+    if create_graph and need_x:  # the same formula as the kernel, differentiable
         _, scale = _terms(weight, mean, var, ctx.eps, ct, shape)
-        gx = (torch.where(out <= 0, 0, grad.to(ct)) * scale).to(out.dtype) if need_x else None
+        gx = (passed * scale).to(out.dtype)
     elif need_x:
         gx = torch.ops.robust_ext.batch_norm_relu_backward.default(grad, out, weight, var, ctx.eps)
     if need_w or need_b:
         dims = [0] + list(range(2, out.dim()))
-        passed = torch.where(out <= 0, 0, grad.to(ct))
         gb = passed.sum(dims).to(ctx.bias_dtype) if need_b else None
         if need_w:
             invstd, _ = _terms(None, mean, var, ctx.eps, ct, shape)
