@@ -30,10 +30,15 @@ inline void check_no_grad(const at::Tensor& t, const char* name) {
               "or pass ", name, ".detach()");
 }
 
-inline void check_image(const at::Tensor& t, const char* name) {
-  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+// A defined tensor of a supported float dtype.
+inline void check_float(const at::Tensor& t, const char* name) {
   TORCH_CHECK(is_supported_float(t.scalar_type()), name,
               " must be float32, float64, float16 or bfloat16, got ", t.scalar_type());
+}
+
+inline void check_image(const at::Tensor& t, const char* name) {
+  TORCH_CHECK(t.defined(), name, " must be a tensor, got None");
+  check_float(t, name);
   check_no_grad(t, name);
 }
 

@@ -148,8 +148,7 @@ at::ScalarType compute_type(at::ScalarType t) { return t == at::kDouble ? at::kD
 void check_input(const at::Tensor& x, const char* name) {
   TORCH_CHECK(x.defined() && x.dim() >= 2, name, " must be an (N, C, ...) tensor, got ",
               x.defined() ? x.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(is_supported_float(x.scalar_type()), name, " must be float32, float64, float16 or bfloat16, got ",
-              x.scalar_type());
+  check_float(x, name);
 }
 
 // A per-channel parameter or statistic in the compute type (undefined if absent).

@@ -226,8 +226,7 @@ Plan plan_for(const at::Tensor& t, at::MemoryFormat fmt, int64_t H, int64_t W) {
 std::tuple<at::Tensor, at::Tensor> relu_max_pool2d(const at::Tensor& x_in) {
   TORCH_CHECK(x_in.defined() && x_in.dim() == 4, "x must be a 4-D (N, C, H, W) tensor, got ",
               x_in.defined() ? x_in.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(is_supported_float(x_in.scalar_type()), "x must be float32, float64, float16 or bfloat16, got ",
-              x_in.scalar_type());
+  check_float(x_in, "x");
   TORCH_CHECK(x_in.size(2) >= 2 && x_in.size(3) >= 2, "x must be at least 2x2 in H and W, got ", x_in.sizes());
   const auto fmt = layout_of(x_in);
   const at::Tensor x = x_in.contiguous(fmt);
