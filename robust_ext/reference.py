@@ -70,10 +70,47 @@ def _check_budget(value, per_sample, name, non_negative, x, values=True):
     bad = ((t < 0) | t.isnan()).any() if non_negative else t.isnan().any()
     what = (f"{name} must be >= 0 and not NaN for every sample" if non_negative
             else f"{name} must not be NaN for any sample")
-    if not t.is_cpu:  # as csrc/checks.h: no host sync per step on a GPU; it fails at the next sync
-        torch._assert_async(~bad, what)
-    elif bool(bad):
-        raise RuntimeError(what)
+    # A RuntimeError at once on CPU; on a GPU, as csrc/checks.h, no host sync per step: it fails at the
+    # next sync. Traceable by torch.compile (a Python ``if`` on ``bad`` is not).
+    torch._assert_async(~bad, what)
+
+
+def _dense(t):
+    """ATen's is_non_overlapping_and_dense: some permutation of the dims is contiguous."""
+    expected = 1
+    for size, stride in sorted(zip(t.shape, t.stride()), key=lambda p: p[1]):
+        if size != 1:
+            if stride != expected:
+                return False
+            expected *= size
+    return True
+
+
+def _partly_overlap(a, b):
+    """ATen's get_overlap_status(a, b) == PARTIAL: dense views of one storage whose byte ranges overlap
+    without being the same view. Non-dense views are 'too hard' for ATen too (the kernels copy them)."""
+    if a is b or not a.numel() or not b.numel():
+        return False
+    if not (_dense(a) and _dense(b)):
+        return False
+    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+        return False
+    a0, b0 = a.data_ptr(), b.data_ptr()
+    a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
+    if (a0, a1) == (b0, b1):
+        return a.stride() != b.stride()
+    return a0 < b1 and b0 < a1
+
+
+def _check_writable(x_adv, *inputs):
+    """csrc/checks.h check_writable: x_adv may not partly overlap an input (the final ``copy_`` refuses an
+    x_adv whose elements alias each other, with ATen's message)."""
+    if torch.compiler.is_compiling():  # fake tensors have no memory; the extension's fake kernels skip it too
+        return
+    if any(_partly_overlap(x_adv, t) for t in inputs):
+        raise RuntimeError("unsupported operation: some elements of the input tensor and the written-to tensor "
+                           "refer to a single memory location, which may cause the results to be incorrect. "
+                           "Please clone() the tensor before performing the operation.")
 
 
 def _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=True):
@@ -128,6 +165,7 @@ def linf_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_
 
 def linf_step_(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
     _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t)
+    _check_writable(x_adv, grad, x)
     x_adv.copy_(_step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t))
 
 
@@ -145,6 +183,7 @@ def linf_project(x_adv, x, eps, clip_min, clip_max, eps_t=None):
 
 def linf_project_(x_adv, x, eps, clip_min, clip_max, eps_t=None):
     _check_project(x_adv, x, eps, clip_min, clip_max, eps_t)
+    _check_writable(x_adv, x)
     x_adv.copy_(_project_math(x_adv, x, eps, clip_min, clip_max, eps_t))
 
 
@@ -188,8 +227,9 @@ def _mulhilo(m: int, c: torch.Tensor):
     return hi, lo
 
 
-def philox4x32_10(counter: torch.Tensor, seed: int) -> torch.Tensor:
-    """Philox4x32-10 of 64-bit counters (int64 tensor, upper words 0) under a 64-bit key: [..., 4] words."""
+def philox4x32_10(counter: torch.Tensor, seed) -> torch.Tensor:
+    """Philox4x32-10 of 64-bit counters (int64 tensor, upper words 0) under a 64-bit key (a Python int, or
+    a 0-d int64 tensor read as its two's-complement bits: no host sync): [..., 4] words."""
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
     c2 = torch.zeros_like(counter)
@@ -202,7 +242,7 @@ def philox4x32_10(counter: torch.Tensor, seed: int) -> torch.Tensor:
     return torch.stack((c0, c1, c2, c3), dim=-1)
 
 
-def philox_words(n: int, seed: int, device) -> torch.Tensor:
+def philox_words(n: int, seed, device) -> torch.Tensor:
     """The 32-bit word (as int64) element i of a flat tensor draws: word (i/16)%4 of counter (i/64)*16 + i%16."""
     blocks = (n + 63) // 64
     counters = torch.arange(blocks * 16, dtype=torch.int64, device=device)
@@ -223,7 +263,7 @@ def linf_random_init(x, eps, clip_min, clip_max, seed, eps_t=None):
     out = torch.empty_like(x)
     if x.numel() == 0:
         return out
-    u = unit_symmetric(philox_words(x.numel(), int(seed) & (2**64 - 1), x.device), ct).reshape(x.shape)
+    u = unit_symmetric(philox_words(x.numel(), seed, x.device), ct).reshape(x.shape)
     out.copy_(torch.clamp(x.to(ct) + _budget(eps, eps_t, x) * u, clip_min, clip_max))
     return out
 

@@ -100,11 +100,18 @@ class TestBadInput:
             ops.linf_step_(torch.rand(1, 3, 5, 5).expand(4, 3, 5, 5), X, X, 0.1, 0.1)
 
 
-def test_partial_overlap_is_refused():
+def test_partial_overlap_is_refused(impl):
     buf = torch.rand(200)
-    with pytest.raises(RuntimeError, match="unsupported operation: some elements of the input tensor and the "
-                                           "written-to tensor refer to a single memory location"):
-        ops.linf_step_(buf[1:101], buf[0:100], buf[100:200], 0.1, 0.1)
+    for call in (lambda: ops.linf_step_(buf[1:101], buf[0:100], buf[100:200], 0.1, 0.1),
+                 lambda: ops.linf_step_(buf[0:100], buf[1:101], buf[100:200], 0.1, 0.1),
+                 lambda: ops.linf_project_(buf[50:150], buf[0:100], 0.1)):
+        with pytest.raises(RuntimeError, match="unsupported operation: some elements of the input tensor and the "
+                                               "written-to tensor refer to a single memory location"):
+            call()
+    # the same view as an input, or a disjoint one, is fine
+    before = buf.clone()
+    ops.linf_step_(buf[0:100], buf[0:100], buf[100:200], 0.1, 0.1)
+    assert not torch.equal(buf, before)
 
 
 def test_partial_overlap_of_strided_views_reads_inputs_first():

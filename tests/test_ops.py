@@ -11,6 +11,7 @@ from conftest import DEVICES
 EXACT = (torch.float32, torch.float64)
 
 
+@pytest.mark.needs_extension
 def test_extension_serves_cpu():
     assert robust_ext.backend()["cpu"] == "extension", robust_ext.backend()
     assert "OpenMP" in robust_ext.build_info()
@@ -162,6 +163,7 @@ def test_aliasing_inplace_inputs():
 
 @pytest.mark.parametrize("op", ["linf_step", "linf_step_", "linf_project", "linf_project_", "fgsm",
                                 "linf_random_init"])
+@pytest.mark.needs_extension
 def test_opcheck(op):
     x_adv, grad, x = images(shape=(3, 2, 5, 4), seed=7)
     eps_t = torch.tensor([0.01, 0.02, 0.03])

@@ -45,6 +45,7 @@ def test_words_match_independent_philox(seed):
                                                   torch.tensor(seed)), out)
 
 
+@pytest.mark.needs_extension
 @pytest.mark.parametrize("lay", ["contiguous", "channels_last", "strided", "batch_inner"])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_matches_reference_in_every_layout(dtype, lay):
@@ -112,6 +113,7 @@ def test_uniform(dtype):
     assert scipy.stats.chisquare(counts).pvalue > 1e-3
 
 
+@pytest.mark.needs_extension
 def test_64bit_indexing_and_per_sample():
     """More than 2**31 elements: per-sample budgets and Philox counters past 32-bit indices."""
     half = 2**30 + 64
