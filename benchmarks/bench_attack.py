@@ -53,6 +53,7 @@ import gc
 import json
 import os
 import platform
+import resource
 import shutil
 import statistics
 import subprocess
@@ -249,19 +250,21 @@ def time_configs(ctx, configs, repeats, warm_steps):
     for name, kind, mode, steps, es in configs:
         ctx.make(kind, mode, steps if es else min(steps, warm_steps), es)()
     fns = {c[0]: ctx.make(*c[1:]) for c in configs}
-    times, outs = {n: [] for n in fns}, {}
+    times, faults, outs = {n: [] for n in fns}, {n: [] for n in fns}, {}
     for _ in range(repeats):
         for name, fn in fns.items():
+            f0 = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
             t0 = time.perf_counter()
             outs[name] = fn()
             times[name].append(time.perf_counter() - t0)
+            faults[name].append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - f0)
     n = ctx.x.shape[0]
     res = {}
     for name, kind, mode, steps, es in configs:
         med = statistics.median(times[name])
         res[name] = {"kind": kind, "mode": mode, "steps": steps, "early_stop": es, "median_s": med,
                      "times_s": times[name], "spread": (max(times[name]) - min(times[name])) / med,
-                     "images_per_s": n / med,
+                     "images_per_s": n / med, "page_faults_per_step": statistics.median(faults[name]) / steps,
                      "robust_acc": None if outs[name] is None else robust_acc(ctx.model, outs[name], ctx.y)}
     return res
 
@@ -544,7 +547,7 @@ def tensor_peak_mib(fn):
     return peak / 2 ** 20
 
 
-def measure_memory(name, ctx, configs, rss_configs, threads, tmp):
+def measure_memory(name, ctx, configs, rss_configs, threads, tmp, tune_allocator=False):
     tensors = {c[0]: tensor_peak_mib(ctx.make(*c[1:])) for c in configs}
     data = Path(tmp) / f"{name}.pt"
     torch.save({"state_dict": ctx.model.state_dict(), "x": ctx.x, "y": ctx.y}, data)
@@ -553,8 +556,8 @@ def measure_memory(name, ctx, configs, rss_configs, threads, tmp):
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"model": name, "data": str(data), "eps": ctx.eps, "alpha": ctx.alpha,
                                     "seed": ctx.seed, "threads": threads, "config": [kind, mode, steps, es]}))
-        p = subprocess.run([sys.executable, __file__, "--_peak-rss-child", str(spec)], capture_output=True,
-                           text=True)
+        p = subprocess.run([sys.executable, __file__, "--_peak-rss-child", str(spec)]
+                           + (["--tune-allocator"] if tune_allocator else []), capture_output=True, text=True)
         if p.returncode != 0:
             rss[cname] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"}
         else:
@@ -578,15 +581,17 @@ def fmt_row(cols, widths):
 def print_section(name, threads, sec):
     res = sec["configs"]
     print(f"\n== {name}, {threads} thread(s), batch {sec['batch']}, load {sec['loadavg'][0]:.2f} ==")
-    w = (26, 6, 9, 8, 9, 8, 9, 7)
-    print(fmt_row(("config", "steps", "median s", "spread", "images/s", "vs ta", "vs floor", "rob.acc"), w))
+    w = (26, 6, 9, 8, 9, 8, 9, 7, 8)
+    print(fmt_row(("config", "steps", "median s", "spread", "images/s", "vs ta", "vs floor", "rob.acc",
+                   "flt/step"), w))
     ta = res["torchattacks.fp32"]["images_per_s"]
     for cname, r in res.items():
         fl = res.get(f"floor.{r['mode']}") if not r["early_stop"] and r["kind"] != "floor" else None
         acc = "-" if r["robust_acc"] is None else f"{r['robust_acc']:.3f}"
         print(fmt_row((cname, r["steps"], f"{r['median_s']:.3f}", f"{r['spread']:.1%}", f"{r['images_per_s']:.1f}",
                        f"{r['images_per_s'] / ta:.2f}x",
-                       f"{r['median_s'] / fl['median_s']:.3f}" if fl else "-", acc), w))
+                       f"{r['median_s'] / fl['median_s']:.3f}" if fl else "-", acc,
+                       f"{r['page_faults_per_step']:.0f}"), w))
     print("  time split, ms per step (other = attack - floor - update: init, set-up, Python):")
     w2 = (10, 8, 9, 7, 7, 9, 8, 7, 9, 8)
     print("  " + fmt_row(("mode", "forward", "backward", "floor", "ours", "update", "other", "ta", "ta.upd",
@@ -655,6 +660,9 @@ def parse_args(argv=None):
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     p.add_argument("--results-dir", default="benchmarks/results", help="where the CNN checkpoint is cached")
     p.add_argument("--out", default="benchmarks/results/bench_attack.json", help="JSON output path")
+    p.add_argument("--tune-allocator", action="store_true",
+                   help="robust_ext.tune_allocator() first: glibc keeps freed memory (no page faults of oneDNN's "
+                        "scratch buffers); applies to every row alike. Default: glibc as a user has it")
     p.add_argument("--_peak-rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 10)
@@ -681,6 +689,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
+    malloc = robust_ext.tune_allocator() if args.tune_allocator else None
     if args._peak_rss_child:
         return peak_rss_child(args._peak_rss_child)
     if torchattacks is None:
@@ -697,10 +706,11 @@ def main(argv=None):
             "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": args.threads, "steps": args.steps, "es_steps": args.es_steps, "batch": args.batch,
             "repeats": args.repeats, "strength_seeds": args.strength_seeds, "quick": args.quick, "seed": args.seed,
-            "loadavg_start": os.getloadavg(), "speed_noise_allowance": SPEED_NOISE}
+            "loadavg_start": os.getloadavg(), "speed_noise_allowance": SPEED_NOISE,
+            "malloc": malloc or "glibc default"}
     print(f"torch {meta['torch']} | {meta['build_info']} | {meta['cpu_model']} ({meta['cpu_count']} cpus) | "
           f"threads {args.threads} | PGD-{args.steps}, early stop PGD-{args.es_steps} | batch {args.batch} | "
-          f"repeats {args.repeats} | load {meta['loadavg_start'][0]:.2f}")
+          f"repeats {args.repeats} | load {meta['loadavg_start'][0]:.2f} | malloc {meta['malloc']}")
     if meta["loadavg_start"][0] > 0.5 * os.cpu_count():
         print("warning: the machine is busy (load average above half the cores): timings will be noisy",
               file=sys.stderr)
@@ -752,7 +762,8 @@ def main(argv=None):
                 print_profile(p)
         if not args.no_memory:
             rss_configs = [c for c in configs if c[0] in RSS_CONFIGS and (not args.quick or c[0].endswith("fp32"))]
-            entry["memory"] = measure_memory(name, ctx, configs, rss_configs, max_threads, tmp)
+            entry["memory"] = measure_memory(name, ctx, configs, rss_configs, max_threads, tmp,
+                                             args.tune_allocator)
             print_memory(name, entry["memory"])
         doc["models"][name] = entry
     torch.set_num_threads(max_threads)

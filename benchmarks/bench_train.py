@@ -186,6 +186,8 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed epochs per configuration (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--tune-allocator", action="store_true",
+                   help="robust_ext.tune_allocator() first (glibc keeps freed memory); applies to every row alike")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_train.json"))
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -208,15 +210,18 @@ def main(argv=None):
         print(f"warning: robust_ext runs the pure-PyTorch reference ops ({robust_ext.backend()['reason']})",
               file=sys.stderr)
     torch.set_num_threads(args.threads)
+    malloc = robust_ext.tune_allocator() if args.tune_allocator else None
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "argv": sys.argv[1:] if argv is None else list(argv), "torch": torch.__version__,
             "torchattacks": getattr(torchattacks, "__version__", None), "robust_ext": robust_ext.__version__,
             "python": platform.python_version(), "build_info": robust_ext.build_info(), "cpu_model": cpu_model(),
             "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": args.threads, "batch": args.batch, "pgd_steps": args.pgd_steps, "eps": EPS,
-            "repeats": args.repeats, "quick": args.quick, "seed": args.seed, "loadavg_start": os.getloadavg()}
+            "repeats": args.repeats, "quick": args.quick, "seed": args.seed, "loadavg_start": os.getloadavg(),
+            "malloc": malloc or "glibc default"}
     print(f"torch {meta['torch']} | {meta['cpu_model']} ({meta['cpu_count']} cpus) | threads {args.threads} | "
-          f"batch {args.batch} | PGD-{args.pgd_steps} | repeats {args.repeats} | load {meta['loadavg_start'][0]:.2f}")
+          f"batch {args.batch} | PGD-{args.pgd_steps} | repeats {args.repeats} | load {meta['loadavg_start'][0]:.2f} | "
+          f"malloc {meta['malloc']}")
     if meta["loadavg_start"][0] > 0.5 * os.cpu_count():
         print("warning: the machine is busy (load average above half the cores): timings will be noisy",
               file=sys.stderr)
