@@ -42,6 +42,11 @@ row of its mode. The profile section runs torch.profiler over one attack call ea
 top-level CPU time into model forward, autograd backward, loss, everything else by op name, and the time
 outside any op (Python; the profiler's own per-op overhead inflates it).
 
+Allocator: ``robust_ext.tune_allocator()`` runs first (``--default-malloc`` to skip), for every row alike.
+With glibc's defaults, oneDNN's per-call scratch buffers are unmapped and page-faulted in again on some
+rows and not on others, depending on the allocator's history (0 to 15,000 faults per step in one run,
+shown in the ``flt/step`` column): that, not the attack, made fp32 rows differ by up to 30%.
+
 Benchmarks are not tests: a MISS is reported, never raised.
 """
 from __future__ import annotations
@@ -557,7 +562,7 @@ def measure_memory(name, ctx, configs, rss_configs, threads, tmp, tune_allocator
         spec.write_text(json.dumps({"model": name, "data": str(data), "eps": ctx.eps, "alpha": ctx.alpha,
                                     "seed": ctx.seed, "threads": threads, "config": [kind, mode, steps, es]}))
         p = subprocess.run([sys.executable, __file__, "--_peak-rss-child", str(spec)]
-                           + (["--tune-allocator"] if tune_allocator else []), capture_output=True, text=True)
+                           + ([] if tune_allocator else ["--default-malloc"]), capture_output=True, text=True)
         if p.returncode != 0:
             rss[cname] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"}
         else:
@@ -660,9 +665,10 @@ def parse_args(argv=None):
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     p.add_argument("--results-dir", default="benchmarks/results", help="where the CNN checkpoint is cached")
     p.add_argument("--out", default="benchmarks/results/bench_attack.json", help="JSON output path")
-    p.add_argument("--tune-allocator", action="store_true",
-                   help="robust_ext.tune_allocator() first: glibc keeps freed memory (no page faults of oneDNN's "
-                        "scratch buffers); applies to every row alike. Default: glibc as a user has it")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is. By default robust_ext.tune_allocator() runs first, for every "
+                        "row alike: otherwise oneDNN's scratch buffers are page-faulted in again on some rows and "
+                        "not others, depending on the allocator's history (up to 15,000 faults per step)")
     p.add_argument("--_peak-rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 10)
@@ -689,7 +695,7 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    malloc = robust_ext.tune_allocator() if args.tune_allocator else None
+    malloc = None if args.default_malloc else robust_ext.tune_allocator()
     if args._peak_rss_child:
         return peak_rss_child(args._peak_rss_child)
     if torchattacks is None:
@@ -763,7 +769,7 @@ def main(argv=None):
         if not args.no_memory:
             rss_configs = [c for c in configs if c[0] in RSS_CONFIGS and (not args.quick or c[0].endswith("fp32"))]
             entry["memory"] = measure_memory(name, ctx, configs, rss_configs, max_threads, tmp,
-                                             args.tune_allocator)
+                                             not args.default_malloc)
             print_memory(name, entry["memory"])
         doc["models"][name] = entry
     torch.set_num_threads(max_threads)

@@ -186,8 +186,10 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed epochs per configuration (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--tune-allocator", action="store_true",
-                   help="robust_ext.tune_allocator() first (glibc keeps freed memory); applies to every row alike")
+    p.add_argument("--default-malloc", action="store_true",
+                   help="leave glibc's malloc as it is. By default robust_ext.tune_allocator() runs first, for every "
+                        "row alike: otherwise oneDNN's scratch buffers are page-faulted in again on some rows and "
+                        "not others, depending on the allocator's history (up to 15,000 faults per step)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_train.json"))
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -210,7 +212,7 @@ def main(argv=None):
         print(f"warning: robust_ext runs the pure-PyTorch reference ops ({robust_ext.backend()['reason']})",
               file=sys.stderr)
     torch.set_num_threads(args.threads)
-    malloc = robust_ext.tune_allocator() if args.tune_allocator else None
+    malloc = None if args.default_malloc else robust_ext.tune_allocator()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "argv": sys.argv[1:] if argv is None else list(argv), "torch": torch.__version__,
             "torchattacks": getattr(torchattacks, "__version__", None), "robust_ext": robust_ext.__version__,
