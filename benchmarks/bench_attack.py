@@ -42,10 +42,12 @@ row of its mode. The profile section runs torch.profiler over one attack call ea
 top-level CPU time into model forward, autograd backward, loss, everything else by op name, and the time
 outside any op (Python; the profiler's own per-op overhead inflates it).
 
-Allocator: ``robust_ext.tune_allocator()`` runs first (``--default-malloc`` to skip), for every row alike.
-With glibc's defaults, oneDNN's per-call scratch buffers are unmapped and page-faulted in again on some
-rows and not on others, depending on the allocator's history (0 to 15,000 faults per step in one run,
-shown in the ``flt/step`` column): that, not the attack, made fp32 rows differ by up to 30%.
+Allocator: the ``faults`` column counts the minor page faults of one call. Under glibc's malloc
+oneDNN's scratch buffers are unmapped and page-faulted in again on some rows and not on others,
+depending on the allocator's history (0 to 15,000 faults per step between rows of one run), which moved
+fp32 rows by up to 30%; run it with tcmalloc preloaded for clean comparisons (README, "Memory
+allocator"): ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4``. The JSON records which
+malloc served the run.
 
 Benchmarks are not tests: a MISS is reported, never raised.
 """
@@ -78,7 +80,7 @@ from robust_ext import ops
 from robust_ext.attacks import pgd
 from robust_ext.data import MLXTEND_HINT, load_dataset
 from robust_ext.models import PreActResNet, SmallCNN, build_model, load_checkpoint, load_model, save_checkpoint
-from _common import cpu_model
+from _common import cpu_model, malloc_in_use
 
 try:
     import torchattacks
@@ -269,7 +271,7 @@ def time_configs(ctx, configs, repeats, warm_steps):
         med = statistics.median(times[name])
         res[name] = {"kind": kind, "mode": mode, "steps": steps, "early_stop": es, "median_s": med,
                      "times_s": times[name], "spread": (max(times[name]) - min(times[name])) / med,
-                     "images_per_s": n / med, "page_faults_per_step": statistics.median(faults[name]) / steps,
+                     "images_per_s": n / med, "page_faults_per_call": statistics.median(faults[name]),
                      "robust_acc": None if outs[name] is None else robust_acc(ctx.model, outs[name], ctx.y)}
     return res
 
@@ -552,7 +554,7 @@ def tensor_peak_mib(fn):
     return peak / 2 ** 20
 
 
-def measure_memory(name, ctx, configs, rss_configs, threads, tmp, tune_allocator=False):
+def measure_memory(name, ctx, configs, rss_configs, threads, tmp):
     tensors = {c[0]: tensor_peak_mib(ctx.make(*c[1:])) for c in configs}
     data = Path(tmp) / f"{name}.pt"
     torch.save({"state_dict": ctx.model.state_dict(), "x": ctx.x, "y": ctx.y}, data)
@@ -561,8 +563,8 @@ def measure_memory(name, ctx, configs, rss_configs, threads, tmp, tune_allocator
         spec = Path(tmp) / "spec.json"
         spec.write_text(json.dumps({"model": name, "data": str(data), "eps": ctx.eps, "alpha": ctx.alpha,
                                     "seed": ctx.seed, "threads": threads, "config": [kind, mode, steps, es]}))
-        p = subprocess.run([sys.executable, __file__, "--_peak-rss-child", str(spec)]
-                           + ([] if tune_allocator else ["--default-malloc"]), capture_output=True, text=True)
+        p = subprocess.run([sys.executable, __file__, "--_peak-rss-child", str(spec)], capture_output=True,
+                           text=True)
         if p.returncode != 0:
             rss[cname] = {"error": p.stderr.strip().splitlines()[-1] if p.stderr.strip() else f"rc {p.returncode}"}
         else:
@@ -588,7 +590,7 @@ def print_section(name, threads, sec):
     print(f"\n== {name}, {threads} thread(s), batch {sec['batch']}, load {sec['loadavg'][0]:.2f} ==")
     w = (26, 6, 9, 8, 9, 8, 9, 7, 8)
     print(fmt_row(("config", "steps", "median s", "spread", "images/s", "vs ta", "vs floor", "rob.acc",
-                   "flt/step"), w))
+                   "faults"), w))
     ta = res["torchattacks.fp32"]["images_per_s"]
     for cname, r in res.items():
         fl = res.get(f"floor.{r['mode']}") if not r["early_stop"] and r["kind"] != "floor" else None
@@ -596,7 +598,7 @@ def print_section(name, threads, sec):
         print(fmt_row((cname, r["steps"], f"{r['median_s']:.3f}", f"{r['spread']:.1%}", f"{r['images_per_s']:.1f}",
                        f"{r['images_per_s'] / ta:.2f}x",
                        f"{r['median_s'] / fl['median_s']:.3f}" if fl else "-", acc,
-                       f"{r['page_faults_per_step']:.0f}"), w))
+                       f"{r['page_faults_per_call']:.0f}"), w))
     print("  time split, ms per step (other = attack - floor - update: init, set-up, Python):")
     w2 = (10, 8, 9, 7, 7, 9, 8, 7, 9, 8)
     print("  " + fmt_row(("mode", "forward", "backward", "floor", "ours", "update", "other", "ta", "ta.upd",
@@ -665,10 +667,6 @@ def parse_args(argv=None):
     p.add_argument("--no-profile", action="store_true", help="skip the torch.profiler breakdown")
     p.add_argument("--results-dir", default="benchmarks/results", help="where the CNN checkpoint is cached")
     p.add_argument("--out", default="benchmarks/results/bench_attack.json", help="JSON output path")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's malloc as it is. By default robust_ext.tune_allocator() runs first, for every "
-                        "row alike: otherwise oneDNN's scratch buffers are page-faulted in again on some rows and "
-                        "not others, depending on the allocator's history (up to 15,000 faults per step)")
     p.add_argument("--_peak-rss-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     args.steps = args.steps or (3 if args.quick else 10)
@@ -695,7 +693,6 @@ def parse_args(argv=None):
 
 def main(argv=None):
     args = parse_args(argv)
-    malloc = None if args.default_malloc else robust_ext.tune_allocator()
     if args._peak_rss_child:
         return peak_rss_child(args._peak_rss_child)
     if torchattacks is None:
@@ -713,7 +710,7 @@ def main(argv=None):
             "threads": args.threads, "steps": args.steps, "es_steps": args.es_steps, "batch": args.batch,
             "repeats": args.repeats, "strength_seeds": args.strength_seeds, "quick": args.quick, "seed": args.seed,
             "loadavg_start": os.getloadavg(), "speed_noise_allowance": SPEED_NOISE,
-            "malloc": malloc or "glibc default"}
+            "malloc": malloc_in_use()}
     print(f"torch {meta['torch']} | {meta['build_info']} | {meta['cpu_model']} ({meta['cpu_count']} cpus) | "
           f"threads {args.threads} | PGD-{args.steps}, early stop PGD-{args.es_steps} | batch {args.batch} | "
           f"repeats {args.repeats} | load {meta['loadavg_start'][0]:.2f} | malloc {meta['malloc']}")
@@ -768,8 +765,7 @@ def main(argv=None):
                 print_profile(p)
         if not args.no_memory:
             rss_configs = [c for c in configs if c[0] in RSS_CONFIGS and (not args.quick or c[0].endswith("fp32"))]
-            entry["memory"] = measure_memory(name, ctx, configs, rss_configs, max_threads, tmp,
-                                             not args.default_malloc)
+            entry["memory"] = measure_memory(name, ctx, configs, rss_configs, max_threads, tmp)
             print_memory(name, entry["memory"])
         doc["models"][name] = entry
     torch.set_num_threads(max_threads)

@@ -46,7 +46,7 @@ import robust_ext
 from robust_ext.data import ImageDataset, MLXTEND_HINT, load_dataset
 from robust_ext.models import build_model
 from robust_ext.training import train
-from _common import cpu_model
+from _common import cpu_model, malloc_in_use
 
 try:
     import torchattacks
@@ -186,10 +186,6 @@ def parse_args(argv=None):
     p.add_argument("--repeats", type=int, default=None, help="timed epochs per configuration (default 3; quick 1)")
     p.add_argument("--threads", type=int, default=os.cpu_count())
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's malloc as it is. By default robust_ext.tune_allocator() runs first, for every "
-                        "row alike: otherwise oneDNN's scratch buffers are page-faulted in again on some rows and "
-                        "not others, depending on the allocator's history (up to 15,000 faults per step)")
     p.add_argument("--out", default=str(Path(__file__).parent / "results" / "bench_train.json"))
     args = p.parse_args(argv)
     args.methods = [m for m in args.methods.split(",") if m]
@@ -212,7 +208,6 @@ def main(argv=None):
         print(f"warning: robust_ext runs the pure-PyTorch reference ops ({robust_ext.backend()['reason']})",
               file=sys.stderr)
     torch.set_num_threads(args.threads)
-    malloc = None if args.default_malloc else robust_ext.tune_allocator()
     meta = {"date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "argv": sys.argv[1:] if argv is None else list(argv), "torch": torch.__version__,
             "torchattacks": getattr(torchattacks, "__version__", None), "robust_ext": robust_ext.__version__,
@@ -220,7 +215,7 @@ def main(argv=None):
             "cpu_count": os.cpu_count(), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
             "threads": args.threads, "batch": args.batch, "pgd_steps": args.pgd_steps, "eps": EPS,
             "repeats": args.repeats, "quick": args.quick, "seed": args.seed, "loadavg_start": os.getloadavg(),
-            "malloc": malloc or "glibc default"}
+            "malloc": malloc_in_use()}
     print(f"torch {meta['torch']} | {meta['cpu_model']} ({meta['cpu_count']} cpus) | threads {args.threads} | "
           f"batch {args.batch} | PGD-{args.pgd_steps} | repeats {args.repeats} | load {meta['loadavg_start'][0]:.2f} | "
           f"malloc {meta['malloc']}")

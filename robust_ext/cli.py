@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from . import allocator
 from ._io import write_json
 
 ATTACKS = ("fgsm", "fgsm_rs", "bim", "pgd")
@@ -89,8 +88,7 @@ def cmd_info(args) -> int:
     from . import backend, build_info
     from .data import available_datasets
 
-    print(json.dumps({"backend": backend(), "build": build_info(), "datasets": available_datasets(),
-                      "malloc": args.malloc or "unchanged"}, indent=2))
+    print(json.dumps({"backend": backend(), "build": build_info(), "datasets": available_datasets()}, indent=2))
     return 0
 
 
@@ -216,9 +214,6 @@ def cmd_evaluate(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="robust-ext", description=__doc__.splitlines()[0])
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
-    p.add_argument("--default-malloc", action="store_true",
-                   help="leave glibc's malloc as it is (by default freed memory is kept for the next step: "
-                        "robust_ext.tune_allocator)")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("info", help="backend, build and data sets")
@@ -285,7 +280,6 @@ COMMANDS = {"info": cmd_info, "demo": cmd_demo, "tradeoff": cmd_tradeoff, "train
 def main(argv: Optional[List[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s")
-    args.malloc = None if args.default_malloc else allocator.tune_allocator()
     if getattr(args, "attack", None) is not None and args.attack not in ATTACKS:
         print(f"robust-ext: error: unknown attack {args.attack!r}; known: {', '.join(ATTACKS)}", file=sys.stderr)
         return 2

@@ -93,7 +93,7 @@ def _partly_overlap(a, b):
         return False
     if not (_dense(a) and _dense(b)):
         return False
-    if a.untyped_storage().data_ptr() != b.untyped_storage().data_ptr():
+    if a.untyped_storage()._cdata != b.untyped_storage()._cdata:  # ATen: the same storage, not just memory
         return False
     a0, b0 = a.data_ptr(), b.data_ptr()
     a1, b1 = a0 + a.numel() * a.element_size(), b0 + b.numel() * b.element_size()
