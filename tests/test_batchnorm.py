@@ -9,7 +9,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 
-import robust_ext
 from robust_ext import batchnorm, reference
 from robust_ext.batchnorm import batch_norm_relu, bn_relu
 from robust_ext.models import PreActResNet
@@ -19,8 +18,7 @@ LAYOUTS = ["contiguous", "channels_last", "strided"]
 # 4-D planes; 1x1 planes (rows of C); C wider than the kernel's repeated-scale buffer; 2-D; 3-D; 5-D
 SHAPES = [(4, 6, 5, 7), (8, 16, 1, 1), (2, 700, 3, 2), (16, 9), (3, 5, 11), (2, 3, 4, 3, 5)]
 
-pytestmark = pytest.mark.skipif(robust_ext.backend()["cpu"] != "extension",
-                                reason="needs the extension: these tests hold its kernel to the reference")
+pytestmark = pytest.mark.needs_extension  # these tests hold its kernel to the reference (conftest.py)
 
 
 def layout(x, name):

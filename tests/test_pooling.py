@@ -8,7 +8,6 @@ import pytest
 import torch
 from torch import nn
 
-import robust_ext
 from robust_ext import reference
 from robust_ext.models import SmallCNN
 from robust_ext.pooling import ReLUMaxPool2d, relu_max_pool2d
@@ -19,8 +18,7 @@ LAYOUTS = ["nchw", "channels_last", "strided"]
 # and a channels_last row wider than one buffer (C > 2048)
 SHAPES = [(4, 8, 12, 10), (3, 5, 7, 9), (2, 3, 2, 2), (2, 6, 3, 3), (1, 2, 4, 2100), (1, 2100, 2, 4)]
 
-pytestmark = pytest.mark.skipif(robust_ext.backend()["cpu"] != "extension",
-                                reason="needs the extension: these tests hold its kernel to the reference")
+pytestmark = pytest.mark.needs_extension  # these tests hold its kernel to the reference (conftest.py)
 
 
 def layout(x, name):
