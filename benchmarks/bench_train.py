@@ -46,7 +46,7 @@ import robust_ext
 from robust_ext.data import ImageDataset, MLXTEND_HINT, load_dataset
 from robust_ext.models import build_model
 from robust_ext.training import train
-from _common import cpu_model, malloc_in_use
+from _common import cpu_model, malloc_in_use, warn_if_glibc_malloc
 
 try:
     import torchattacks
@@ -222,6 +222,7 @@ def main(argv=None):
     if meta["loadavg_start"][0] > 0.5 * os.cpu_count():
         print("warning: the machine is busy (load average above half the cores): timings will be noisy",
               file=sys.stderr)
+    warn_if_glibc_malloc(meta["malloc"])
     start = time.perf_counter()
     rows, n = run(args)
     table_ratios = ratios(rows)
