@@ -6,6 +6,7 @@ import contextlib
 import json
 import os
 import secrets
+import tempfile
 from pathlib import Path
 from typing import IO, Any, Callable, Union
 
@@ -42,3 +43,25 @@ def write_json(path: PathLike, value: Any, indent: int = 2) -> Path:
     """``value`` as strict JSON (non-finite floats as "inf"/"-inf"/"nan", see ``_json``), atomically."""
     text = json.dumps(encode(value), indent=indent, allow_nan=False) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+
+
+def check_out_dir(path: PathLike, flag: str = "--out") -> Path:
+    """Make sure ``path`` is, or can be made, a writable directory, before a command does any work.
+
+    Creates it (and its parents) if missing and writes and removes a probe file in it. Raises ValueError
+    naming ``flag`` when ``path`` is an existing file, lies under a file, or cannot be created or written.
+    """
+    path = Path(path).expanduser()
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"{flag} {path}: is an existing file, expected a directory (existing or to create)")
+    for parent in path.parents:
+        if parent.exists() and not parent.is_dir():
+            raise ValueError(f"{flag} {path}: {parent} is a file, so no directory can be created under it")
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as e:
+        raise ValueError(f"{flag} {path}: cannot create or write to this directory: "
+                         f"{e.strerror or type(e).__name__}") from None
+    return path

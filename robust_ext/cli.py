@@ -12,7 +12,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ._io import write_json
+from ._io import check_out_dir, write_json
 
 ATTACKS = ("fgsm", "fgsm_rs", "bim", "pgd")
 
@@ -95,6 +95,7 @@ def cmd_info(args) -> int:
 def cmd_demo(args) -> int:
     from .demo import format_demo, run_demo
 
+    check_out_dir(args.out)
     kwargs = dict(epochs=args.epochs, steps=20, amp=args.amp, seed=args.seed, progress=_progress(args))
     if args.quick:  # CI's smoke run: same pipeline, small data, few epochs
         kwargs.update(epochs=min(args.epochs, 2), n_train=1000, n_test=200)
@@ -108,6 +109,7 @@ def cmd_demo(args) -> int:
 def cmd_tradeoff(args) -> int:
     from .demo import run_tradeoff
 
+    check_out_dir(args.out)
     summary = run_tradeoff(args.out, eps_values=args.eps, eval_eps=args.eval_eps, epochs=args.epochs, amp=args.amp,
                            seed=args.seed, progress=_progress(args), n_test=args.n)
     print(f"{'train eps':>10}{'clean':>8}{'PGD':>8}   (PGD-20 at eps = {args.eval_eps})")
@@ -118,18 +120,27 @@ def cmd_tradeoff(args) -> int:
 
 
 def cmd_train(args) -> int:
+    import torch
+
     from .models import available_models, build_model
     from .training import train
 
     if args.arch not in available_models():
         raise UsageError(f"--arch {args.arch!r} is unknown; known: {', '.join(available_models())}")
+    check_out_dir(args.out)
     train_set = _load_data(args.data, args.data_dir, "train", None)
     test_set = _load_data(args.data, args.data_dir, "test", None)
-    channels, size = train_set[0][0].shape[0], train_set[0][0].shape[-1]
-    config = {"in_channels": channels}
+    channels, height, width = train_set[0][0].shape
+    config = {"in_channels": channels, "num_classes": train_set.num_classes}
     if args.arch == "small_cnn":
-        config["input_size"] = size
-    model = build_model(args.arch, **config)
+        config["input_size"] = [height, width]
+    try:
+        with torch.random.fork_rng(devices=[]):  # --seed decides the initial weights too
+            torch.manual_seed(args.seed)
+            model = build_model(args.arch, **config)
+    except (ValueError, TypeError) as e:
+        raise UsageError(f"--arch {args.arch} cannot take the {channels}x{height}x{width} images of --data "
+                         f"{args.data}: {e}") from None
     try:
         result = train(model, train_set, test_set, method=args.method, epochs=args.epochs, eps=args.eps,
                        lr=args.lr, batch_size=args.batch_size, amp=args.amp, seed=args.seed, out_dir=args.out,

@@ -35,6 +35,15 @@ PathLike = Union[str, "os.PathLike[str]"]
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
 _RESERVED = frozenset({"format", "arch", "config", "state_dict"})
 FORMAT = "robust_ext.checkpoint/1"
+# The built-in models refuse configs past this many parameters (1 GiB in fp32) before allocating any:
+# far above what they are for (PreActResNet-18: 11 M), far below what exhausts a machine.
+MAX_PARAMETERS = 2 ** 28
+
+
+def _check_parameter_count(name: str, count: int, config: Dict[str, Any]) -> None:
+    if count > MAX_PARAMETERS:
+        raise ValueError(f"{name} with {config} would have {count:,} parameters, more than the {MAX_PARAMETERS:,} "
+                         "the built-in models allow")
 
 
 def register_model(name: str):
@@ -91,6 +100,9 @@ class SmallCNN(nn.Module):
         out_h, out_w = (h + 4 * padding - 4) // 2, (w + 4 * padding - 4) // 2
         if padding < 0 or out_h < 1 or out_w < 1:
             raise ValueError(f"input_size {(h, w)} with padding {padding} leaves no feature map")
+        _check_parameter_count("SmallCNN", in_channels * 32 * 9 + 32 + 32 * 64 * 9 + 64
+                               + (64 * out_h * out_w + 1) * num_classes,
+                               {"in_channels": in_channels, "num_classes": num_classes, "input_size": (h, w)})
         self.input_hw = (h, w)
         self.features = nn.Sequential(
             nn.Conv2d(in_channels, 32, 3, padding=padding), nn.ReLU(),
@@ -152,6 +164,15 @@ class PreActResNet(nn.Module):
         if width < 1 or not blocks or min(blocks) < 1:
             raise ValueError(f"need width >= 1 and at least one stage of >= 1 block, got width={width}, "
                              f"blocks={blocks}")
+        count, channels = in_channels * width * 9, width
+        for stage, n in enumerate(blocks):
+            out = width * 2 ** stage
+            count += (2 * channels + 9 * channels * out + (channels * out if channels != out or stage > 0 else 0)
+                      + (n - 1) * (2 * out + 9 * out * out) + n * (2 * out + 9 * out * out))
+            channels = out
+        _check_parameter_count("PreActResNet", count + 2 * channels + (channels + 1) * num_classes,
+                               {"in_channels": in_channels, "num_classes": num_classes, "width": width,
+                                "blocks": list(blocks)})
         self.stem = nn.Conv2d(in_channels, width, 3, padding=1, bias=False)
         layers, channels = [], width
         for stage, n in enumerate(blocks):

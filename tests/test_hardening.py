@@ -1,0 +1,114 @@
+"""Regression tests from adversarial testing: hostile data files and checkpoints, non-square images,
+reproducible seeds, honest reports, and output paths the CLI refuses before doing any work."""
+import gzip
+import struct
+
+import numpy as np
+import pytest
+import torch
+
+from robust_ext._io import check_out_dir
+from robust_ext.cli import main
+
+
+def run(capsys, *argv):
+    code = main(["-q", *argv])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def one_line_error(code, err, *fragments):
+    assert code == 2, err
+    assert err.startswith("robust-ext: error:") and err.count("\n") == 1 and "Traceback" not in err, err
+    for fragment in fragments:
+        assert fragment in err, err
+
+
+def idx_bytes(array, code=0x08):
+    return struct.pack(">BBBB", 0, 0, code, array.ndim) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes()
+
+
+def write_idx_dir(root, images, labels, n_test=None):
+    """train/t10k IDX files holding ``images`` (N x H x W uint8) and ``labels``; t10k the first n_test."""
+    root.mkdir(parents=True, exist_ok=True)
+    n_test = len(images) if n_test is None else n_test
+    for prefix, (x, y) in (("train", (images, labels)), ("t10k", (images[:n_test], labels[:n_test]))):
+        (root / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(x))
+        (root / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(y))
+    return root
+
+
+def random_idx_dir(root, n, hw, seed=0):
+    rng = np.random.default_rng(seed)
+    return write_idx_dir(root, rng.integers(0, 256, (n, *hw), dtype=np.uint8),
+                         rng.integers(0, 10, n, dtype=np.uint8))
+
+
+# ------------------------------------------------------------------------------------ 7: --out paths
+def test_check_out_dir_creates_and_refuses(tmp_path):
+    assert check_out_dir(tmp_path / "a" / "b").is_dir()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="--out .*file: is an existing file"):
+        check_out_dir(tmp_path / "file")
+    with pytest.raises(ValueError, match=r"--out .*file is a file"):
+        check_out_dir(tmp_path / "file" / "sub", flag="--out")
+    with pytest.raises(ValueError, match="--plot-dir /proc/x: cannot create"):
+        check_out_dir("/proc/x", flag="--plot-dir")
+
+
+@pytest.mark.parametrize("command", [["train", "--data", "digits", "--epochs", "1"], ["demo", "--quick"],
+                                     ["tradeoff", "--epochs", "1"]])
+@pytest.mark.parametrize("where", ["file", "under_file", "proc"])
+def test_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch, command, where):
+    import robust_ext.data
+    import robust_ext.demo
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("work started before --out was checked")
+
+    monkeypatch.setattr(robust_ext.data, "load_dataset", no_work)
+    monkeypatch.setattr(robust_ext.demo, "load_dataset", no_work)
+    (tmp_path / "file").write_text("x")
+    out = {"file": tmp_path / "file", "under_file": tmp_path / "file" / "run", "proc": "/proc/x"}[where]
+    code, _, err = run(capsys, *command, "--out", str(out))
+    one_line_error(code, err, f"--out {out}")
+    assert (tmp_path / "file").read_text() == "x"
+
+
+# ------------------------------------------------------------------------------ 3: seeded train
+def test_train_command_is_reproducible(tmp_path, capsys):
+    states = []
+    for run_dir in ("a", "b"):
+        code, _, err = run(capsys, "train", "--data", "digits", "--method", "standard", "--epochs", "1",
+                           "--batch-size", "256", "--seed", "3", "--out", str(tmp_path / run_dir))
+        assert code == 0, err
+        states.append(torch.load(tmp_path / run_dir / "last.pt", weights_only=True)["state_dict"])
+    assert states[0].keys() == states[1].keys()
+    for k in states[0]:
+        assert torch.equal(states[0][k], states[1][k]), k
+
+
+# ------------------------------------------------------------------------------ 4: non-square images
+def test_train_on_non_square_images(tmp_path, capsys):
+    data_dir = random_idx_dir(tmp_path / "data", 16, (20, 40))
+    code, _, err = run(capsys, "train", "--data", "mnist-idx", "--data-dir", str(data_dir), "--method", "standard",
+                       "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    config = torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]
+    assert config["input_size"] == [20, 40]
+
+
+def test_train_refuses_images_the_model_cannot_take(tmp_path, capsys):
+    data_dir = random_idx_dir(tmp_path / "data", 2, (1, 100000))
+    code, _, err = run(capsys, "train", "--data", "mnist-idx", "--data-dir", str(data_dir), "--epochs", "1",
+                       "--out", str(tmp_path / "run"))
+    one_line_error(code, err, "--arch small_cnn", "1x100000")
+
+
+def test_small_cnn_refuses_huge_inputs_before_allocating():
+    from robust_ext.models import MAX_PARAMETERS, SmallCNN
+
+    with pytest.raises(ValueError, match="parameters"):
+        SmallCNN(input_size=(2100, 2100))  # a 705 M-parameter classifier
+    assert MAX_PARAMETERS < 64 * 1050 * 1050 * 10
+    assert SmallCNN(input_size=(20, 40)).classifier.in_features == 64 * 10 * 20
