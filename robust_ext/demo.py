@@ -18,7 +18,7 @@ from . import __version__, backend
 from ._io import write_json
 from .data import load_dataset
 from .evaluation import evaluate, make_attack
-from .models import SmallCNN
+from .models import SmallCNN, load_checkpoint, save_checkpoint
 from .training import TrainConfig, train
 
 log = logging.getLogger(__name__)
@@ -53,6 +53,22 @@ def _train_one(method: str, out: Path, train_set, test_set, *, epochs: int, eps:
                          progress=progress)
     result = train(model, train_set, test_set, config)
     return model.eval(), result
+
+
+def scored_checkpoint(model: torch.nn.Module, result, out: Path) -> Path:
+    """The checkpoint holding exactly ``model``'s weights, the ones a report scored.
+
+    ``train`` leaves the final epoch's weights in the model (last.pt), or the best epoch's (best.pt) after a
+    catastrophic-overfitting stop; the files are compared rather than trusted to follow that rule. When
+    neither holds them, they are saved as ``out/scored.pt``.
+    """
+    state = model.state_dict()
+    for path in (result.last_path, result.best_path):
+        if path is not None and path.is_file():
+            saved = load_checkpoint(path)["state_dict"]
+            if saved.keys() == state.keys() and all(torch.equal(saved[k], v.cpu()) for k, v in state.items()):
+                return path
+    return save_checkpoint(out / "scored.pt", model)
 
 
 def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test: Optional[int] = None,
@@ -95,7 +111,7 @@ def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test
         reports[name] = report
         summary["models"][name] = {
             "method": method, "epochs_completed": result.epochs_completed, "stopped_early": result.stopped_early,
-            "stop_reason": result.stop_reason, "checkpoint": str(result.best_path or result.last_path),
+            "stop_reason": result.stop_reason, "checkpoint": str(scored_checkpoint(model, result, out / name)),
             "clean": report.clean_accuracy,
             "fgsm": dict(zip(report.eps, report.attacks["fgsm"]["accuracy"])),
             "bim": dict(zip(report.eps, report.attacks["bim"]["accuracy"])),

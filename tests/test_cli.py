@@ -50,7 +50,7 @@ def test_evaluate_writes_report(tmp_path, checkpoint, capsys):
 @pytest.mark.parametrize("argv, message", [
     (["attack", "--model", "/nonexistent.pt", "--out", "{tmp}"], "--model /nonexistent.pt: no such file"),
     (["attack", "--model", "{ckpt}", "--data", "imagenet", "--out", "{tmp}"], "--data imagenet: unknown data set"),
-    (["attack", "--model", "{ckpt}", "--attack", "cw", "--out", "{tmp}"], "unknown attack 'cw'"),
+    (["attack", "--model", "{ckpt}", "--attack", "cw", "--out", "{tmp}"], "invalid choice: 'cw'"),
     (["evaluate", "--model", "{ckpt}", "--attacks", "fgsm,deepfool", "-n", "4", "--out", "{tmp}"],
      "--attacks: unknown attack 'deepfool'"),
     (["attack", "--model", "{ckpt}", "--data", "digits", "--out", "{tmp}"],
@@ -78,14 +78,27 @@ def test_console_script_runs():
     assert json.loads(out.stdout)["backend"]["cpu"] in ("extension", "reference")
 
 
-def test_demo_pipeline_small(tmp_path):
-    """The demo's whole pipeline on a sliver of the data: files, table and targets are all there."""
+def test_demo_pipeline_small(tmp_path, monkeypatch):
+    """The demo's whole pipeline on a sliver of the data: files, table and targets are all there, and each
+    model's "checkpoint" holds exactly the weights its numbers were scored on."""
+    import robust_ext.demo
+
+    scored, evaluate = {}, robust_ext.demo.evaluate
+
+    def spy(model, *args, **kwargs):
+        scored[kwargs["model_name"]] = {k: v.clone() for k, v in model.state_dict().items()}
+        return evaluate(model, *args, **kwargs)
+
+    monkeypatch.setattr(robust_ext.demo, "evaluate", spy)
     summary = run_demo(tmp_path, epochs=1, n_train=256, n_test=32, steps=2, curve=(0.1, 0.3), progress=False)
     assert set(summary["models"]) == {"standard", "robust"}
     for name in ("standard", "robust"):
         m = summary["models"][name]
         assert 0 <= m["bim"][0.3] <= m["bim"][0.1] + 1 / 32 <= m["clean"] + 2 / 32
         assert (tmp_path / name / "last.pt").exists() and (tmp_path / f"{name}_report.json").exists()
+        assert m["checkpoint"] == str(tmp_path / name / "last.pt")  # no early stop: the final epoch was scored
+        saved = torch.load(m["checkpoint"], weights_only=True)["state_dict"]
+        assert all(torch.equal(saved[k], v) for k, v in scored[f"{name} CNN"].items())
     for png in ("accuracy_vs_eps.png", "adversarial_examples.png", "standard/curves.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert json.loads((tmp_path / "demo.json").read_text())["targets"].keys() >= {"standard_clean", "robust_clean"}

@@ -112,3 +112,21 @@ def test_small_cnn_refuses_huge_inputs_before_allocating():
         SmallCNN(input_size=(2100, 2100))  # a 705 M-parameter classifier
     assert MAX_PARAMETERS < 64 * 1050 * 1050 * 10
     assert SmallCNN(input_size=(20, 40)).classifier.in_features == 64 * 10 * 20
+
+
+# ------------------------------------------------------------------------ 5: the demo names what it scored
+def test_scored_checkpoint_names_the_file_holding_the_scored_weights(tmp_path):
+    from robust_ext.demo import scored_checkpoint
+    from robust_ext.models import SmallCNN, load_model, save_checkpoint
+    from robust_ext.training import TrainResult
+
+    torch.manual_seed(0)
+    best, last, other = SmallCNN(), SmallCNN(), SmallCNN()
+    result = TrainResult(history=[], epochs_completed=3, stopped_early=True, stop_reason="collapse",
+                         last_path=save_checkpoint(tmp_path / "last.pt", last),
+                         best_path=save_checkpoint(tmp_path / "best.pt", best))
+    assert scored_checkpoint(last, result, tmp_path) == tmp_path / "last.pt"
+    assert scored_checkpoint(best, result, tmp_path) == tmp_path / "best.pt"  # the guard restored the best epoch
+    path = scored_checkpoint(other, result, tmp_path)
+    assert path == tmp_path / "scored.pt"
+    assert all(torch.equal(a, b) for a, b in zip(load_model(path).state_dict().values(), other.state_dict().values()))
