@@ -11,6 +11,7 @@ ROBUST_EXT_CPU_ISA picks the CPU loops' instruction sets (x86-64 with GCC):
   avx2      AVX2 (x86-64-v3) only; baseline  baseline x86-64 only -- for testing, on an AVX-512 machine,
             the code the other clones hold (.ci/check_isa.sh); an avx2 build needs an AVX2 CPU to run
 """
+import glob
 import os
 import sys
 
@@ -47,8 +48,9 @@ def ext_modules_and_cmdclass():
     with_cuda = mode == "cuda" or (mode == "auto" and has_cuda_torch and nvcc_found)
 
     here = os.path.dirname(os.path.abspath(__file__))
-    sources = ["csrc/robust_ext.cpp", "csrc/cpu/linf_ops_cpu.cpp", "csrc/cpu/relu_pool_cpu.cpp",
-               "csrc/cpu/batch_norm_relu_cpu.cpp"]
+    # Every op family is a folder of csrc/ (its math and op body) with cpu/ and cuda/ kernels beside: the
+    # sources are whatever is there, so a new kernel file is built without editing this list.
+    sources = sorted(glob.glob("csrc/**/*.cpp", root_dir=here, recursive=True))
     torch_version = torch.__version__.split("+")[0]
     # -ffp-contract=off / --fmad=false: no fused multiply-add, so the kernels round exactly as
     # reference.py does (fp32/fp64 results are bit-identical).
@@ -56,7 +58,7 @@ def ext_modules_and_cmdclass():
     nvcc = ["-O3", "--fmad=false", "--extended-lambda", "--expt-relaxed-constexpr", "-lineinfo"]
     macros = list(ISAS[isa])
     if with_cuda:
-        sources.append("csrc/cuda/linf_ops_cuda.cu")
+        sources += sorted(glob.glob("csrc/**/cuda/*.cu", root_dir=here, recursive=True))
         macros.append(("ROBUST_EXT_WITH_CUDA", None))
         ext_cls = ce.CUDAExtension
     else:

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
-# Cheap CUDA check for machines without a GPU (NOTES.md, "CUDA without a GPU"): compiles every .cu under
-# csrc/ with nvcc against the headers of the torch that `python` imports, host and device code for sm_80
+# Cheap CUDA check for machines without a GPU (NOTES.md, "CUDA without a GPU"): compiles every CUDA
+# kernel file setup.py builds (csrc/**/cuda/*.cu, one folder per op family) with nvcc against the headers of the torch that `python` imports, host and device code for sm_80
 # and sm_90. Nothing is linked or run. Exits non-zero on the first compile error or a missing nvcc.
 set -euo pipefail
 
@@ -44,9 +44,9 @@ flags=(
   -gencode=arch=compute_80,code=sm_80 -gencode=arch=compute_90,code=sm_90
 )
 
-mapfile -t sources < <(find csrc -name '*.cu' -type f | sort)
+mapfile -t sources < <(find csrc -path '*/cuda/*.cu' -type f | sort)
 if [[ ${#sources[@]} -eq 0 ]]; then
-  echo "check_cuda: FAILED: no .cu file under csrc/" >&2
+  echo "check_cuda: FAILED: no csrc/**/cuda/*.cu file" >&2
   exit 1
 fi
 

@@ -42,8 +42,6 @@ inline void check_image(const at::Tensor& t, const char* name) {
   check_no_grad(t, name);
 }
 
-
-
 inline void check_like(const at::Tensor& t, const char* name, const at::Tensor& ref, const char* ref_name) {
   check_image(t, name);
   TORCH_CHECK(t.sizes() == ref.sizes(), name, " must have the same shape as ", ref_name, " ", ref.sizes(),
@@ -97,6 +95,14 @@ inline void check_budget(double value, const c10::optional<at::Tensor>& per_samp
     at::_assert_async(bad.logical_not(), non_negative ? "robust_ext: a per-sample eps/alpha is negative or NaN"
                                                       : "robust_ext: a per-sample alpha is NaN");
   }
+}
+
+// The Philox key of a random init (philox.h): a 0-d int64 tensor on the CPU or on x's device.
+inline void check_seed(const at::Tensor& seed, const at::Tensor& x) {
+  TORCH_CHECK(seed.defined() && seed.dim() == 0 && seed.scalar_type() == at::kLong,
+              "seed must be a 0-d int64 tensor, got ", seed.defined() ? seed.sizes() : at::IntArrayRef{});
+  TORCH_CHECK(seed.is_cpu() || seed.device() == x.device(), "seed must be on the CPU or on x's device (",
+              x.device(), "), got ", seed.device());
 }
 
 // Writing into x_adv must not corrupt it: no element may alias another, and x_adv may not partly overlap

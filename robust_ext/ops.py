@@ -5,7 +5,7 @@ that mutates ``x_adv`` and returns it. ``alpha`` and ``eps`` are Python floats o
 per sample (dim 0 of ``x``; a 0-d tensor applies to every sample). A negative ``alpha`` steps *down* the
 gradient: that is the targeted attack's step. ``eps`` must be >= 0.
 
-Semantics shared by every op (``csrc/linf_math.h``):
+Semantics shared by the L-inf ops (``csrc/linf/linf_math.h``):
 
 * ``sign(0) = 0`` as ``torch.sign``; a NaN gradient element counts as 0, so that element does not move
   (NaN is never written into ``x_adv`` from the gradient); a +-inf gradient element has sign +-1.

@@ -2,8 +2,9 @@
 is absent, and the oracle the tests hold the kernels to.
 
 Each function has the same signature and semantics as its op schema in ``csrc/robust_ext.cpp`` and does
-the same operations in the same order with the same casts as ``csrc/linf_math.h``: fp32/fp64 results
-are bit-identical to the kernels'. Half types (fp16, bf16) are computed in fp32 and rounded once.
+the same operations in the same order with the same casts as the kernels' math headers
+(``csrc/<family>/<family>_math.h``, ``csrc/philox.h``): fp32/fp64 results are bit-identical to the
+kernels'. Half types (fp16, bf16) are computed in fp32 and rounded once.
 """
 from __future__ import annotations
 
@@ -126,7 +127,7 @@ def _check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=True):
     _check_bounds(clip_min, clip_max)
 
 
-# ---- the math (csrc/linf_math.h) ------------------------------------------------------------------
+# ---- the L-inf math (csrc/linf/linf_math.h) ---------------------------------------------------------
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the math runs in: float64 for float64, float32 for everything else."""
@@ -211,7 +212,7 @@ def fgsm(x, grad, eps, clip_min, clip_max, eps_t=None):
     return out
 
 
-# ---- Philox4x32-10 in int64 tensor arithmetic (csrc/linf_math.h, philox4x32_10) ---------------------
+# ---- Philox4x32-10 in int64 tensor arithmetic (csrc/philox.h) ----------------------------------------
 
 _M0, _M1 = 0xD2511F53, 0xCD9E8D57
 _W0, _W1 = 0x9E3779B9, 0xBB67AE85

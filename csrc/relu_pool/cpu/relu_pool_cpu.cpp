@@ -1,4 +1,4 @@
-// relu_max_pool2d on CPU: max_pool2d(relu(x), 2) in one pass, and its backward.
+// relu_max_pool2d's CPU kernels: max_pool2d(relu(x), 2) in one pass, and its backward.
 //
 // ATen's bf16 max_pool2d takes 13-18 ms of a 35 ms forward+backward of the small CNN (NCHW), and its
 // channels_last backward copies; ReLU adds two more passes. Here the forward reads x once and writes
@@ -6,11 +6,7 @@
 // and the backward writes each input element once. Both layouts (NCHW, channels_last) are vectorized
 // loops compiled per ISA (GCC target_clones), picked at run time.
 //
-// Semantics equal relu-then-max_pool2d(kernel 2, stride 2, no padding, floor mode), gradient included:
-// the first maximal tap in row-major window order takes the gradient; a window whose maximum is <= 0
-// outputs +0 with no gradient; NaN anywhere in a window gives NaN, its last NaN tap taking the gradient.
-// (Bit-level only: ATen gives -0 when the first tap is -0.0, and keeps a NaN's payload; we give +0 and
-// the canonical quiet NaN.)
+// Semantics: relu_pool/relu_pool_math.h.
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
@@ -26,14 +22,14 @@
 #include <c10/util/Half.h>
 #include <torch/library.h>
 
-#include "../checks.h"
-#include "clones.h"
-#include "words.h"
+#include "checks.h"
+#include "cpu/clones.h"
+#include "cpu/words.h"
+#include "relu_pool/relu_pool_math.h"
+#include "relu_pool/relu_pool_ops.h"
 
 namespace robust_ext {
 namespace {
-
-constexpr uint8_t kNoGrad = 4;
 
 // v if `keep`, else +0: a bit mask, so the gradient scatter loops stay branch-free and vectorize.
 template <typename W>
@@ -44,34 +40,6 @@ C10_ALWAYS_INLINE W keep_if(W v, bool keep) {
   bits &= static_cast<B>(-static_cast<B>(keep));
   std::memcpy(&v, &bits, sizeof bits);
   return v;
-}
-
-// The window math, in two halves that both layouts share. A window is two columns, left (taps 0, 2)
-// and right (taps 1, 3), of a top and a bottom tap; tap codes are 0-3 in row-major order.
-//
-// column(): the column's max, NaN if either tap is; bit = 1 when the bottom tap wins (ties go to the
-// top), or, with a NaN, when the bottom tap is NaN (ATen's max_pool2d keeps the last NaN).
-template <typename T>
-C10_ALWAYS_INLINE void column(T top, T bot, T& v, int& bit) {
-  const bool tn = top != top, bn = bot != bot;
-  v = (tn | bn) ? std::numeric_limits<T>::quiet_NaN() : (bot > top ? bot : top);
-  bit = bn ? 1 : (tn ? 0 : (bot > top ? 1 : 0));
-}
-
-// combine(): the output from the two columns. Equal maxima go to the smaller tap code (the first in
-// row-major order, as ATen's max_pool2d); a NaN window outputs NaN and its last NaN tap takes the
-// gradient (ReLU's backward passes a NaN output's gradient); a maximum <= 0 outputs 0, no gradient.
-template <typename W, typename T>
-C10_ALWAYS_INLINE void combine(T l, int bl, T r, int br, W& out, uint8_t& code) {
-  // int, not uint8_t, arithmetic: GCC then vectorizes the loops around this at the float width.
-  const int kl = 2 * bl, kr = 1 + 2 * br;
-  const bool ln = l != l, rn = r != r;
-  const bool pick_r = (r > l) | ((r == l) & (kr < kl));
-  const T m = pick_r ? r : l;
-  const int k = pick_r ? kr : kl;
-  const int k_nan = rn ? (ln ? (kr > kl ? kr : kl) : kr) : kl;
-  out = narrow_exact<W>((ln | rn) ? std::numeric_limits<T>::quiet_NaN() : (m > T(0) ? m : T(0)));
-  code = static_cast<uint8_t>((ln | rn) ? k_nan : (m > T(0) ? k : int{kNoGrad}));
 }
 
 // Both layouts run the window math as two passes over L1-sized buffers, each a loop GCC vectorizes
@@ -87,7 +55,7 @@ C10_ALWAYS_INLINE void columns(const W* __restrict top, const W* __restrict bot,
                                uint8_t* __restrict vb) {
   for (int64_t w = 0; w < n; ++w) {
     int bit;
-    column(widen(top[w]), widen(bot[w]), vm[w], bit);
+    math::column(widen(top[w]), widen(bot[w]), vm[w], bit);
     vb[w] = static_cast<uint8_t>(bit);
   }
 }
@@ -95,7 +63,11 @@ C10_ALWAYS_INLINE void columns(const W* __restrict top, const W* __restrict bot,
 template <typename W, typename T>
 C10_ALWAYS_INLINE void pairs(const T* __restrict vm, const uint8_t* __restrict vb, int64_t n, W* __restrict out,
                              uint8_t* __restrict code) {
-  for (int64_t q = 0; q < n; ++q) combine(vm[2 * q], vb[2 * q], vm[2 * q + 1], vb[2 * q + 1], out[q], code[q]);
+  for (int64_t q = 0; q < n; ++q) {
+    T v;
+    math::combine(vm[2 * q], vb[2 * q], vm[2 * q + 1], vb[2 * q + 1], v, code[q]);
+    out[q] = narrow_exact<W>(v);
+  }
 }
 
 // channels_last: row (n, oh, ow) has C outputs; output j reads taps p[j], p[j + C] (top row) and
@@ -110,7 +82,11 @@ RX_CLONES void forward_row_cl(const W* __restrict p, int64_t dx, int64_t dy, int
     const int64_t len = std::min(kTile, n - c0);
     columns(p + c0, p + c0 + dy, len, vl, bl);
     columns(p + c0 + dx, p + c0 + dx + dy, len, vr, br);
-    for (int64_t j = 0; j < len; ++j) combine(vl[j], bl[j], vr[j], br[j], out[c0 + j], code[c0 + j]);
+    for (int64_t j = 0; j < len; ++j) {
+      T v;
+      math::combine(vl[j], bl[j], vr[j], br[j], v, code[c0 + j]);
+      out[c0 + j] = narrow_exact<W>(v);
+    }
   }
 }
 
@@ -214,88 +190,56 @@ struct Plan {
   }
 };
 
-at::MemoryFormat layout_of(const at::Tensor& x) {
-  return x.suggest_memory_format() == at::MemoryFormat::ChannelsLast ? at::MemoryFormat::ChannelsLast
-                                                                      : at::MemoryFormat::Contiguous;
+Plan plan_for(const at::Tensor& t, bool channels_last, int64_t H, int64_t W) {
+  return Plan{channels_last, t.size(0), t.size(1), H, W, H / 2, W / 2};
 }
 
-Plan plan_for(const at::Tensor& t, at::MemoryFormat fmt, int64_t H, int64_t W) {
-  return Plan{fmt == at::MemoryFormat::ChannelsLast, t.size(0), t.size(1), H, W, H / 2, W / 2};
-}
+struct CpuKernels {
+  static void forward(const at::Tensor& x, const at::Tensor& out, const at::Tensor& code, bool channels_last) {
+    const int64_t W = x.size(3);
+    const Plan plan = plan_for(x, channels_last, x.size(2), W);
+    RX_DISPATCH_FLOATS(x.scalar_type(), "relu_max_pool2d", [&] {
+      using Wd = typename Word<scalar_t>::type;
+      const Wd* px = static_cast<const Wd*>(x.const_data_ptr());
+      Wd* po = static_cast<Wd*>(out.data_ptr());
+      uint8_t* pc = code.data_ptr<uint8_t>();
+      if (plan.channels_last) {
+        plan.for_rows([&](int64_t in, int64_t o) {
+          forward_row_cl(px + in, plan.dx(), plan.dy(), plan.C, po + o, pc + o);
+        });
+      } else {
+        plan.for_tiles([&](const int64_t* row_in, int64_t rows, int64_t o, int64_t n) {
+          forward_tile_nchw(px, row_in, rows, W, n, po + o, pc + o);
+        });
+      }
+    });
+  }
 
-std::tuple<at::Tensor, at::Tensor> relu_max_pool2d(const at::Tensor& x_in) {
-  TORCH_CHECK(x_in.defined() && x_in.dim() == 4, "x must be a 4-D (N, C, H, W) tensor, got ",
-              x_in.defined() ? x_in.sizes() : at::IntArrayRef{});
-  check_float(x_in, "x");
-  TORCH_CHECK(x_in.size(2) >= 2 && x_in.size(3) >= 2, "x must be at least 2x2 in H and W, got ", x_in.sizes());
-  const auto fmt = layout_of(x_in);
-  const at::Tensor x = x_in.contiguous(fmt);
-  const int64_t H = x.size(2), W = x.size(3);
-  const Plan plan = plan_for(x, fmt, H, W);
-  at::Tensor out = at::empty({plan.N, plan.C, plan.OH, plan.OW}, x.options().memory_format(fmt));
-  at::Tensor code = at::empty(out.sizes(), x.options().dtype(at::kByte).memory_format(fmt));
-  if (out.numel() == 0) return {out, code};
-  RX_DISPATCH_FLOATS(x.scalar_type(), "relu_max_pool2d", [&] {
-    using Wd = typename Word<scalar_t>::type;
-    const Wd* px = static_cast<const Wd*>(x.const_data_ptr());
-    Wd* po = static_cast<Wd*>(out.data_ptr());
-    uint8_t* pc = code.data_ptr<uint8_t>();
-    if (plan.channels_last) {
-      plan.for_rows([&](int64_t in, int64_t o) {
-        forward_row_cl(px + in, plan.dx(), plan.dy(), plan.C, po + o, pc + o);
-      });
-    } else {
-      plan.for_tiles([&](const int64_t* row_in, int64_t rows, int64_t o, int64_t n) {
-        forward_tile_nchw(px, row_in, rows, W, n, po + o, pc + o);
-      });
-    }
-  });
-  return {out, code};
-}
-
-at::Tensor relu_max_pool2d_backward(const at::Tensor& grad_out, const at::Tensor& code, int64_t in_h,
-                                    int64_t in_w, bool channels_last) {
-  TORCH_CHECK(code.defined() && code.dim() == 4 && code.scalar_type() == at::kByte,
-              "code must be the 4-D uint8 tensor relu_max_pool2d returned");
-  TORCH_CHECK(grad_out.defined() && grad_out.sizes() == code.sizes(), "grad_out must have the shape of the "
-              "pooled output ", code.sizes(), ", got ", grad_out.defined() ? grad_out.sizes() : at::IntArrayRef{});
-  TORCH_CHECK(is_supported_float(grad_out.scalar_type()), "grad_out must be a float tensor, got ",
-              grad_out.scalar_type());
-  TORCH_CHECK(grad_out.device() == code.device(), "grad_out and code must be on the same device, got ",
-              grad_out.device(), " and ", code.device());
-  TORCH_CHECK(in_h / 2 == code.size(2) && in_w / 2 == code.size(3), "input size (", in_h, ", ", in_w,
-              ") does not pool to ", code.sizes());
-  const auto fmt = channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous;
-  const at::Tensor c = code.contiguous(fmt), g = grad_out.contiguous(fmt);
-  const Plan plan = plan_for(c, fmt, in_h, in_w);
-  const auto opts = g.options().memory_format(fmt);
-  // Odd sizes leave the last row/column outside every window: those are zero.
-  at::Tensor gi = at::empty({plan.N, plan.C, in_h, in_w}, opts);
-  if (in_h % 2 || in_w % 2) gi.zero_();
-  if (g.numel() == 0) return gi;
-  RX_DISPATCH_FLOATS(g.scalar_type(), "relu_max_pool2d_backward", [&] {
-    using Wd = typename Word<scalar_t>::type;
-    const Wd* pg = static_cast<const Wd*>(g.const_data_ptr());
-    const uint8_t* pc = c.const_data_ptr<uint8_t>();
-    Wd* pi = static_cast<Wd*>(gi.data_ptr());
-    if (plan.channels_last) {
-      plan.for_rows([&](int64_t in, int64_t o) {
-        backward_row_cl(pg + o, pc + o, plan.C, plan.dx(), plan.dy(), pi + in);
-      });
-    } else {
-      plan.for_tiles([&](const int64_t* row_in, int64_t rows, int64_t o, int64_t n) {
-        backward_tile_nchw(pg + o, pc + o, row_in, rows, in_w, n, pi);
-      });
-    }
-  });
-  return gi;
-}
+  static void backward(const at::Tensor& g, const at::Tensor& c, const at::Tensor& gi, bool channels_last) {
+    const int64_t in_w = gi.size(3);
+    const Plan plan = plan_for(c, channels_last, gi.size(2), in_w);
+    RX_DISPATCH_FLOATS(g.scalar_type(), "relu_max_pool2d_backward", [&] {
+      using Wd = typename Word<scalar_t>::type;
+      const Wd* pg = static_cast<const Wd*>(g.const_data_ptr());
+      const uint8_t* pc = c.const_data_ptr<uint8_t>();
+      Wd* pi = static_cast<Wd*>(gi.data_ptr());
+      if (plan.channels_last) {
+        plan.for_rows([&](int64_t in, int64_t o) {
+          backward_row_cl(pg + o, pc + o, plan.C, plan.dx(), plan.dy(), pi + in);
+        });
+      } else {
+        plan.for_tiles([&](const int64_t* row_in, int64_t rows, int64_t o, int64_t n) {
+          backward_tile_nchw(pg + o, pc + o, row_in, rows, in_w, n, pi);
+        });
+      }
+    });
+  }
+};
 
 }  // namespace
 
 TORCH_LIBRARY_IMPL(robust_ext, CPU, m) {
-  m.impl("relu_max_pool2d", &relu_max_pool2d);
-  m.impl("relu_max_pool2d_backward", &relu_max_pool2d_backward);
+  register_relu_pool_ops<CpuKernels>(m);
 }
 
 }  // namespace robust_ext
