@@ -18,6 +18,7 @@ from __future__ import annotations
 import gzip
 import importlib
 import importlib.util
+import io
 import logging
 import math
 import os
@@ -82,16 +83,23 @@ class ImageDataset(TensorDataset):
 # ---------------------------------------------------------------------------------------------- IDX files
 _IDX_DTYPES = {0x08: np.dtype(np.uint8), 0x09: np.dtype(np.int8), 0x0B: np.dtype(">i2"),
                0x0C: np.dtype(">i4"), 0x0D: np.dtype(">f4"), 0x0E: np.dtype(">f8")}
-_CHUNK = 1 << 24
+_CHUNK = 1 << 20  # what a gzip read holds twice (inflated blocks, joined) beside the array
+# Twice the largest standard IDX file (EMNIST ByClass training images, 0.55 GB); read_idx(max_bytes=) for more.
+MAX_IDX_BYTES = 1 << 30
+_DEFLATE_MAX_RATIO = 1032  # deflate codes 258 repeated bytes in 2 bits at best: no stream inflates further
 
 
-def read_idx(path: PathLike) -> np.ndarray:
+def read_idx(path: PathLike, max_bytes: int = MAX_IDX_BYTES) -> np.ndarray:
     """Read one IDX file (gzipped or not, detected from its content) into a native-endian array.
 
     The magic number (``00 00 <type> <ndim>``), the dimensions and the data size are checked: a corrupt,
-    truncated or over-long file raises ``ValueError`` naming the path.
+    truncated or over-long file raises ``ValueError`` naming the path. The header is read first and the
+    data it declares is bounded before anything else is read: at most ``max_bytes``, and no more than the
+    file's size could hold (a gzip file inflates at most 1032:1); a gzip stream is inflated no further than
+    the declared size plus one byte, so a decompression bomb fails after reading what it declared.
     """
     path = Path(path)
+    file_size = path.stat().st_size
     with open(path, "rb") as f:
         gzipped = f.read(2) == b"\x1f\x8b"
     try:
@@ -106,21 +114,28 @@ def read_idx(path: PathLike) -> np.ndarray:
                 raise ValueError(f"{path}: truncated IDX header ({ndim} dimensions announced)")
             dims = struct.unpack(f">{ndim}I", raw)
             expected = math.prod(dims) * dtype.itemsize
-            # Read in chunks so a corrupt header announcing terabytes fails on the data actually present.
-            data = bytearray()
-            while len(data) < expected:
-                chunk = f.read(min(_CHUNK, expected - len(data)))
-                if not chunk:
+            if expected > max_bytes:
+                raise ValueError(f"{path}: IDX header declares dims {dims}, {expected:,} data bytes, more than "
+                                 f"the limit of {max_bytes:,} (read_idx(max_bytes=...) to raise it)")
+            capacity = file_size * _DEFLATE_MAX_RATIO if gzipped else file_size
+            if 4 + 4 * ndim + expected > capacity:
+                raise ValueError(f"{path}: truncated IDX file: dims {dims} need {expected:,} data bytes, more than "
+                                 f"a {'gzip ' if gzipped else ''}file of {file_size:,} bytes can hold")
+            data = np.empty(expected, dtype=np.uint8)
+            view, filled = memoryview(data), 0
+            while filled < expected:
+                n = f.readinto(view[filled:filled + _CHUNK])
+                if not n:
                     break
-                data += chunk
-            if len(data) < expected:
+                filled += n
+            if filled < expected:
                 raise ValueError(f"{path}: truncated IDX file: dims {dims} need {expected} data bytes, "
-                                 f"found {len(data)}")
+                                 f"found {filled}")
             if f.read(1):
                 raise ValueError(f"{path}: IDX file has data beyond the {expected} bytes its dims {dims} need")
     except (gzip.BadGzipFile, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: corrupt or truncated gzip stream: {e}") from e
-    array = np.frombuffer(data, dtype=dtype).reshape(dims)
+    array = data.view(dtype).reshape(dims)
     return array.astype(dtype.newbyteorder("=")) if dtype.byteorder == ">" else array
 
 
@@ -182,14 +197,29 @@ def _latin1_encode(text, encoding="latin1"):
     return text.encode("latin1")
 
 
-_reconstruct = _numpy_private("_reconstruct", ("numpy._core.multiarray", "numpy.core.multiarray"))
 _frombuffer = _numpy_private("_frombuffer", ("numpy._core.numeric", "numpy.core.numeric"))
+
+
+class _NdarrayMarker:
+    """Stands for ``numpy.ndarray`` in a pickle: only :func:`_empty_array` accepts it, so the file cannot call
+    ``ndarray(shape)`` and allocate an array its bytes do not hold."""
+
+
+def _empty_array(subtype, shape, dtype):
+    # numpy pickles an array as _reconstruct(ndarray, (0,), b"b") and then sets its state (shape, dtype and
+    # the bytes from the file); any other call would allocate an array out of nothing.
+    if not isinstance(subtype, _NdarrayMarker) or tuple(shape) != (0,):
+        raise pickle.UnpicklingError(f"refusing numpy _reconstruct of shape {shape!r}: numpy pickles "
+                                     "_reconstruct(ndarray, (0,), ...) and fills the array from the file")
+    return np.ndarray((0,), dtype=np.uint8)
+
+
 _CIFAR_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"): _reconstruct,  # the official (Python 2, protocol 2) files
-    ("numpy._core.multiarray", "_reconstruct"): _reconstruct,  # re-pickled with numpy >= 2
-    ("numpy.core.numeric", "_frombuffer"): _frombuffer,        # re-pickled with protocol 5
+    ("numpy.core.multiarray", "_reconstruct"): _empty_array,  # the official (Python 2, protocol 2) files
+    ("numpy._core.multiarray", "_reconstruct"): _empty_array,  # re-pickled with numpy >= 2
+    ("numpy.core.numeric", "_frombuffer"): _frombuffer,        # re-pickled with protocol 5: bytes from the file
     ("numpy._core.numeric", "_frombuffer"): _frombuffer,
-    ("numpy", "ndarray"): np.ndarray,
+    ("numpy", "ndarray"): _NdarrayMarker(),
     ("numpy", "dtype"): np.dtype,
     ("_codecs", "encode"): _latin1_encode,
 }
@@ -281,7 +311,11 @@ def mnist5k_path(data_dir: Optional[PathLike] = None) -> Path:
 def _read_mnist5k(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     # Each row: 784 pixels (0..255, 28x28 row-major), then the label; rows sorted by label.
     try:
-        table = np.loadtxt(path, delimiter=",", dtype=np.int64, ndmin=2)
+        with gzip.open(path, "rb") as f:
+            text = f.read(_MNIST5K_MAX_BYTES + 1)
+        if len(text) > _MNIST5K_MAX_BYTES:
+            raise ValueError(f"inflates to more than {_MNIST5K_MAX_BYTES:,} bytes (the 5,000 digits take 9.1 MB)")
+        table = np.loadtxt(io.StringIO(text.decode("ascii")), delimiter=",", dtype=np.int64, ndmin=2)
     except (ValueError, OSError, EOFError, zlib.error) as e:
         raise ValueError(f"{path}: unreadable MNIST CSV: {e}") from e
     if table.shape[1] != 785 or table.size == 0:
@@ -290,6 +324,9 @@ def _read_mnist5k(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{path}: pixels must be in 0..255 and labels in 0..9")
     return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), labels
+
+
+_MNIST5K_MAX_BYTES = 5000 * (785 * 4 + 1)  # 5,000 rows of 785 values, none longer than "255,"
 
 
 def _read_digits() -> Tuple[np.ndarray, np.ndarray]:

@@ -130,3 +130,89 @@ def test_scored_checkpoint_names_the_file_holding_the_scored_weights(tmp_path):
     path = scored_checkpoint(other, result, tmp_path)
     assert path == tmp_path / "scored.pt"
     assert all(torch.equal(a, b) for a, b in zip(load_model(path).state_dict().values(), other.state_dict().values()))
+
+
+# ------------------------------------------------------------------------ 1: decompression bombs
+def peak_bytes(call):
+    """Run ``call`` (which must raise ValueError); return the message and the peak of traced allocations
+    (numpy's and Python's buffers are traced)."""
+    import tracemalloc
+
+    tracemalloc.start()
+    try:
+        with pytest.raises(ValueError) as info:
+            call()
+        return str(info.value), tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+
+
+def gzip_idx(path, dims, payload_bytes):
+    """A gzip IDX file whose header declares ``dims`` (uint8) and whose stream holds payload_bytes zeros."""
+    header = struct.pack(">BBBB", 0, 0, 0x08, len(dims)) + struct.pack(f">{len(dims)}I", *dims)
+    with gzip.open(path, "wb", compresslevel=9) as f:
+        f.write(header)
+        for _ in range(payload_bytes >> 20):
+            f.write(bytes(1 << 20))
+    return path
+
+
+def test_idx_bomb_inflates_no_further_than_its_header_declares(tmp_path):
+    from robust_ext.data import read_idx
+
+    path = gzip_idx(tmp_path / "bomb-idx3-ubyte.gz", (10, 1000, 1000), 64 << 20)  # declares 10 MB, holds 64
+    assert path.stat().st_size < 100_000
+    message, peak = peak_bytes(lambda: read_idx(path))
+    assert "data beyond the 10000000 bytes" in message and str(path) in message
+    assert peak < 16_000_000  # the declared 10 MB and a read's buffers; never the 64 MB the stream holds
+
+
+def test_idx_header_declaring_more_than_the_file_can_inflate_to_is_refused_unread(tmp_path):
+    from robust_ext.data import read_idx
+
+    path = gzip_idx(tmp_path / "x-idx3-ubyte.gz", (60, 1000, 1000), 48 << 20)  # 48 MB in ~47 KB: 60 declared
+    message, peak = peak_bytes(lambda: read_idx(path))
+    assert peak < 1_000_000
+    assert "truncated" in message and "can hold" in message
+
+
+def test_idx_header_declaring_absurd_sizes_is_refused_unread(tmp_path):
+    from robust_ext.data import MAX_IDX_BYTES, read_idx
+
+    path = gzip_idx(tmp_path / "x-idx3-ubyte.gz", (10, 1000, 1000), 10 << 20)
+    message, peak = peak_bytes(lambda: read_idx(path, max_bytes=1_000_000))
+    assert "10,000,000 data bytes, more than the limit of 1,000,000" in message and peak < 1_000_000
+    huge = gzip_idx(tmp_path / "huge-idx3-ubyte.gz", (60000, 1 << 14, 1 << 14), 0)
+    message, peak = peak_bytes(lambda: read_idx(huge))
+    assert f"limit of {MAX_IDX_BYTES:,}" in message and peak < 1_000_000
+
+
+def test_mnist5k_csv_bomb_is_refused_after_a_bounded_read(tmp_path):
+    from robust_ext.data import load_dataset
+
+    row = (",".join(["0"] * 784) + ",1\n").encode()
+    with gzip.open(tmp_path / "mnist_5k.csv.gz", "wb", compresslevel=9) as f:
+        for _ in range((64 << 20) // len(row) + 1):  # 64 MB of rows, 7x what 5,000 digits take
+            f.write(row)
+    message, peak = peak_bytes(lambda: load_dataset("mnist5k", data_dir=tmp_path))
+    assert "mnist_5k.csv.gz" in message and "inflates to more than" in message
+    assert peak < 40_000_000
+
+
+def test_cifar_pickle_cannot_allocate_arrays_it_does_not_hold(tmp_path):
+    """numpy pickles an array as _reconstruct(ndarray, (0,), b'b') and then sets its state from the file's
+    bytes; a crafted pickle calling _reconstruct (or ndarray) with a large shape allocates from nothing."""
+    from robust_ext.data import load_dataset
+
+    def pickled(call):
+        return (b"\x80\x02}(U\x04data" + call + b"U\x06labels](eu.")
+
+    shape = b"J\x00\xe1\xf5\x05\x85"  # (100_000_000,)
+    reconstruct = b"cnumpy.core.multiarray\n_reconstruct\ncnumpy\nndarray\n" + shape + b"U\x01b\x87R"
+    direct = b"cnumpy\nndarray\n" + shape + b"\x85R"  # ndarray((100_000_000,))
+    for name, call in (("reconstruct", reconstruct), ("ndarray", direct)):
+        root = tmp_path / name
+        root.mkdir()
+        (root / "test_batch").write_bytes(pickled(call))
+        message, peak = peak_bytes(lambda: load_dataset("cifar10", data_dir=root, split="test"))
+        assert "test_batch" in message and peak < 10_000_000, message
