@@ -14,18 +14,30 @@ from typing import List, Optional
 
 from ._io import check_out_dir, write_json
 
-ATTACKS = ("fgsm", "fgsm_rs", "bim", "pgd")
-
 
 class UsageError(Exception):
     """A problem with what the user asked for: reported in one line, exit status 2."""
 
 
-def _floats(text: str) -> List[float]:
+class _Parser(argparse.ArgumentParser):
+    """argparse with its errors in the same one line as every other usage error (``--help`` shows usage)."""
+
+    def error(self, message):
+        self.exit(2, f"robust-ext: error: {message}\n")
+
+
+def _number(text: str) -> float:
+    """A number as users type budgets: ``0.03``, ``8/255``."""
+    num, sep, den = text.strip().partition("/")
     try:
-        values = [float(v) for v in text.split(",") if v.strip()]
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated numbers, got {text!r}") from None
+        value = float(num) / float(den) if sep else float(num)
+    except (ValueError, ZeroDivisionError):
+        raise argparse.ArgumentTypeError(f"expected a number such as 0.03 or 8/255, got {text.strip()!r}") from None
+    return value
+
+
+def _floats(text: str) -> List[float]:
+    values = [_number(v) for v in text.split(",") if v.strip()]
     if not values:
         raise argparse.ArgumentTypeError("expected at least one number")
     return values
@@ -142,7 +154,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"--arch {args.arch} cannot take the {channels}x{height}x{width} images of --data "
                          f"{args.data}: {e}") from None
     try:
-        result = train(model, train_set, test_set, method=args.method, epochs=args.epochs, eps=args.eps,
+        result = train(model, train_set, test_set, method=args.method, norm=args.norm, epochs=args.epochs, eps=args.eps,
                        lr=args.lr, batch_size=args.batch_size, amp=args.amp, seed=args.seed, out_dir=args.out,
                        progress=_progress(args), resume=args.resume)
     except (ValueError, TypeError) as e:
@@ -156,7 +168,7 @@ def cmd_train(args) -> int:
 def cmd_attack(args) -> int:
     import torch
 
-    from . import attacks
+    from .attacks.registry import get_attack
     from .evaluation.metrics import perturbation_norms, success_rate
     from .evaluation.plots import plot_adversarial_examples
 
@@ -168,12 +180,14 @@ def cmd_attack(args) -> int:
     model = _load_model(args.model, ds[0])
     x, y = ds.tensors
     gen = torch.Generator().manual_seed(args.seed)
-    alpha = args.alpha if args.alpha is not None else 2.5 * args.eps / args.steps
-    run = {"fgsm": lambda xb, yb: attacks.fgsm(model, xb, yb, eps=args.eps),
-           "fgsm_rs": lambda xb, yb: attacks.fgsm_rs(model, xb, yb, eps=args.eps, generator=gen),
-           "bim": lambda xb, yb: attacks.bim(model, xb, yb, eps=args.eps, alpha=alpha, steps=args.steps),
-           "pgd": lambda xb, yb: attacks.pgd(model, xb, yb, eps=args.eps, alpha=alpha, steps=args.steps,
-                                             restarts=args.restarts, generator=gen)}[args.attack]
+    entry = get_attack(args.attack)
+    # The flags the attack takes (fgsm has no steps, noise no alpha); PGD keeps every step's iterate.
+    given = {"steps": args.steps, "alpha": args.alpha, "restarts": args.restarts, "early_stop": False}
+    params = entry.params(**{k: v for k, v in given.items() if k in entry.defaults})
+    alpha = entry.alpha(args.eps, params)
+
+    def run(xb, yb):
+        return entry(model, xb, yb, args.eps, norm=args.norm, generator=gen, **params)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     chunks = []
@@ -190,8 +204,7 @@ def cmd_attack(args) -> int:
     norms = {"linf_mean": linf.mean().item(), "linf_max": linf.max().item(), "l2_mean": l2.mean().item(),
              "l2_max": l2.max().item()}
     result = {"model": args.model, "data": args.data, "split": args.split, "n": len(x), "attack": args.attack,
-              "eps": args.eps, "alpha": alpha if args.attack in ("bim", "pgd") else None,
-              "steps": args.steps if args.attack in ("bim", "pgd") else 1,
+              "norm": args.norm, "eps": args.eps, "alpha": alpha, "steps": params.get("steps", 1),
               "clean_accuracy": correct.float().mean().item(), "robust_accuracy": robust.float().mean().item(),
               "success_rate": success_rate(int(correct.sum()), int(robust.sum())), "norms": norms}
     torch.save({"x_adv": x_adv, "y": y, "clean_pred": clean_pred, "adv_pred": adv_pred}, out / "adversarial.pt")
@@ -209,11 +222,11 @@ def cmd_evaluate(args) -> int:
     specs = []
     for name in args.attacks.split(","):
         try:
-            specs.append(make_attack(name.strip(), steps=args.steps) if name.strip() in ("bim", "pgd")
+            specs.append(make_attack(name.strip(), steps=args.steps) if "steps" in _attack_params(name.strip())
                          else make_attack(name.strip()))
         except ValueError as e:
             raise UsageError(f"--attacks: {e}") from None
-    report = evaluate(model, ds, specs, eps=args.eps, min_eps=not args.no_min_eps, seed=args.seed,
+    report = evaluate(model, ds, specs, eps=args.eps, norm=args.norm, min_eps=not args.no_min_eps, seed=args.seed,
                       progress=_progress(args), model_name=Path(args.model).name, data_name=args.data,
                       plot_dir=args.out)
     report.to_json(Path(args.out) / "report.json")
@@ -222,8 +235,19 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+def _attack_params(name: str):
+    from .attacks.registry import ATTACKS
+
+    return ATTACKS[name].defaults if name in ATTACKS else {}
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="robust-ext", description=__doc__.splitlines()[0])
+    from .attacks.registry import ATTACKS
+    from .attacks.threats import NORMS
+    from .training.config import METHODS
+
+    norms = tuple(NORMS)
+    p = _Parser(prog="robust-ext", description=__doc__.splitlines()[0])
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
@@ -250,8 +274,10 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", default="mnist5k")
     tr.add_argument("--data-dir")
     tr.add_argument("--arch", default="small_cnn")
-    tr.add_argument("--method", default="fgsm_rs")
-    tr.add_argument("--eps", type=float, default=0.1)
+    tr.add_argument("--method", default="fgsm_rs", choices=METHODS, help="training method (default: fgsm_rs)")
+    tr.add_argument("--norm", default="linf", choices=norms, help="threat model of the training attack (default: linf)")
+    tr.add_argument("--eps", type=_number, default=0.1, help="radius of the training attack, e.g. 0.1 or 8/255 "
+                    "(default: 0.1)")
     tr.add_argument("--epochs", type=int, default=10)
     tr.add_argument("--lr", type=float, default=1e-3)
     tr.add_argument("--batch-size", type=int, default=128)
@@ -271,15 +297,19 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--steps", type=int, default=20)
         a.add_argument("--seed", type=int, default=0)
         a.add_argument("--out", required=True)
+        a.add_argument("--norm", default="linf", choices=norms, help="threat model (default: linf)")
         if name == "attack":
-            a.add_argument("--attack", default="pgd", help=f"one of {', '.join(ATTACKS)}")
-            a.add_argument("--eps", type=float, default=0.1)
-            a.add_argument("--alpha", type=float, default=None, help="step of bim/pgd (default 2.5 * eps / steps)")
+            a.add_argument("--attack", default="pgd", choices=tuple(ATTACKS), help="the attack (default: pgd)")
+            a.add_argument("--eps", type=_number, default=0.1, help="budget, e.g. 0.1 or 8/255 (default: 0.1)")
+            a.add_argument("--alpha", type=_number, default=None,
+                           help="step of fgsm_rs/bim/pgd (default: the attack's rule, e.g. 2.5 * eps / steps)")
             a.add_argument("--restarts", type=int, default=1)
             a.add_argument("--batch-size", type=int, default=256)
         else:
-            a.add_argument("--attacks", default="fgsm,pgd", help="comma-separated: fgsm, bim, pgd, noise")
-            a.add_argument("--eps", type=_floats, default=[0.05, 0.1, 0.2, 0.3])
+            a.add_argument("--attacks", default="fgsm,pgd", help=f"comma-separated, of {', '.join(ATTACKS)} "
+                           "(default: fgsm,pgd)")
+            a.add_argument("--eps", type=_floats, default=[0.05, 0.1, 0.2, 0.3],
+                           help="comma-separated budgets, e.g. 2/255,4/255,8/255 (default: 0.05,0.1,0.2,0.3)")
             a.add_argument("--no-min-eps", action="store_true", help="skip the per-sample minimal eps bisection")
     return p
 
@@ -289,11 +319,11 @@ COMMANDS = {"info": cmd_info, "demo": cmd_demo, "tradeoff": cmd_tradeoff, "train
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    try:
+        args = build_parser().parse_args(argv)
+    except SystemExit as e:  # --help, or a bad flag already reported in one line
+        return e.code if isinstance(e.code, int) else 2
     logging.basicConfig(level=logging.INFO if not args.quiet else logging.WARNING, format="%(message)s")
-    if getattr(args, "attack", None) is not None and args.attack not in ATTACKS:
-        print(f"robust-ext: error: unknown attack {args.attack!r}; known: {', '.join(ATTACKS)}", file=sys.stderr)
-        return 2
     try:
         return COMMANDS[args.command](args)
     except UsageError as e:

@@ -305,9 +305,9 @@ def test_bisection_runs_one_batched_attack_per_step():
     spec = make_attack("fgsm")
     calls = []
 
-    def counted(model, xs, ys, eps, lo, hi, gen, rebind):
+    def counted(model, xs, ys, eps, norm, lo, hi, gen, rebind):
         calls.append((xs.shape[0], eps.shape))
-        return spec.run(model, xs, ys, eps, lo, hi, gen, rebind)
+        return spec.run(model, xs, ys, eps, norm, lo, hi, gen, rebind)
     _, pred = _closed_form_min_eps(w, b, x)
     minimal_eps(_linear(w, b), x, pred, eps_max=1.0, tol=1 / 64, attack=dataclasses.replace(spec, run=counted),
                 **UNCLIPPED)

@@ -1,7 +1,9 @@
-"""L-inf evasion attacks on the fused ops: FGSM, FGSM-RS, BIM and PGD.
+"""Evasion attacks on the fused ops, under L-inf or L2: FGSM/FGM, FGSM-RS, BIM, PGD, and random noise.
 
-A functional core (:func:`fgsm`, :func:`fgsm_rs`, :func:`bim`, :func:`pgd`) and thin classes with
-torchattacks' call shape (``PGD(model, eps=8/255, alpha=2/255, steps=10)(images, labels)``).
+A functional core (:func:`fgsm`, :func:`fgsm_rs`, :func:`bim`, :func:`pgd`, :func:`noise`), thin classes with
+torchattacks' call shape (``PGD(model, eps=8/255, alpha=2/255, steps=10)(images, labels)``, ``PGDL2``,
+``FGM``), the attack core they share (:mod:`.core`), the threat models (:mod:`.threats`: ``LINF``, ``L2`` or
+your own), the losses (:mod:`.losses`) and the registry of named attacks (:mod:`.registry`).
 
 Conventions shared by every attack:
 
@@ -25,10 +27,13 @@ Conventions shared by every attack:
 * Every submodule of the model is in eval mode during the attack and gets its own mode back afterwards,
   also when the model raises. Gradients are taken w.r.t. the input only (``torch.autograd.grad``):
   parameters' ``.grad`` are never touched. Calls under ``torch.no_grad()`` work.
-* ``eps`` and ``alpha`` are floats >= 0 or tensors with one value per sample (shape ``[N]``).
+* ``eps`` and ``alpha`` are floats >= 0 or tensors with one value per sample (shape ``[N]``), in the units
+  of ``norm``: ``norm="linf"`` (the default) bounds every pixel's change, ``norm="l2"`` the Euclidean
+  length of the whole perturbation. ``clip_min < clip_max`` bound the image.
 * ``targeted=True``: ``y`` are the target labels and the steps descend the loss towards them.
 * ``loss="ce"``: cross-entropy on the logits, summed over the batch so that a sample's gradient does not
-  shrink with the batch size. ``loss="margin"``: the CW-style ``max_{j != y} z_j - z_y``.
+  shrink with the batch size. ``loss="margin"``: the CW-style ``max_{j != y} z_j - z_y``; ``"dlr"``:
+  Croce & Hein's scale-invariant Difference of Logits Ratio (:mod:`.losses`).
 * ``amp=True`` runs the model's forward (and so its backward) under ``torch.autocast``: bfloat16 on CPU,
   float16 on CUDA, or pass the dtype. The gradient arrives in ``x``'s dtype and the fused step runs on the
   full-precision image. With ``amp=False`` an enclosing ``torch.autocast`` region applies as usual.
@@ -38,8 +43,14 @@ Conventions shared by every attack:
   buffer in place. Works with ``torch.compile``d models (early stop's shrinking batch recompiles once for
   dynamic shapes).
 """
-from ._args import LOSSES
-from .classes import BIM, FGSM, FGSM_RS, PGD, Attack
-from .functional import bim, fgsm, fgsm_rs, pgd
+from .classes import BIM, FGM, FGSM, FGSM_RS, PGD, PGDL2, Attack
+from .fgsm import fgsm, fgsm_rs
+from .losses import LOSSES, Loss, register_loss
+from .noise import noise
+from .pgd import bim, pgd
+from .registry import ATTACKS, AttackEntry, register_attack
+from .threats import L2, LINF, NORMS, ThreatModel
 
-__all__ = ["fgsm", "fgsm_rs", "bim", "pgd", "Attack", "FGSM", "FGSM_RS", "BIM", "PGD", "LOSSES"]
+__all__ = ["fgsm", "fgsm_rs", "bim", "pgd", "noise", "Attack", "FGSM", "FGM", "FGSM_RS", "BIM", "PGD", "PGDL2",
+           "LOSSES", "Loss", "register_loss", "ATTACKS", "AttackEntry", "register_attack", "ThreatModel", "LINF",
+           "L2", "NORMS"]

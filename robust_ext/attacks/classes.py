@@ -1,13 +1,15 @@
 """Thin classes over the functional attacks, with torchattacks' call shape: ``atk = PGD(model, ...)``,
-then ``atk(images, labels)``. Drop-in for torchattacks' FGSM, BIM and PGD in their default mode."""
+then ``atk(images, labels)``. Drop-in for torchattacks' FGSM, BIM, PGD and PGDL2 in their default mode."""
 from __future__ import annotations
 
 import torch
 
-from . import _args
-from .functional import bim, fgsm, fgsm_rs, pgd
+from . import checks
+from .threats import ThreatModel
+from .fgsm import fgsm, fgsm_rs
+from .pgd import bim, pgd
 
-__all__ = ["FGSM", "FGSM_RS", "BIM", "PGD"]
+__all__ = ["Attack", "FGSM", "FGM", "FGSM_RS", "BIM", "PGD", "PGDL2"]
 
 
 def _fmt(v) -> str:
@@ -15,6 +17,8 @@ def _fmt(v) -> str:
         return f"tensor(shape={list(v.shape)})"
     if isinstance(v, torch.Generator):
         return "Generator"
+    if isinstance(v, ThreatModel):
+        return repr(v.name)
     return f"{v:.6g}" if isinstance(v, float) else repr(v)
 
 
@@ -25,7 +29,7 @@ class Attack:
     _fn = None
 
     def __init__(self, model, **params):
-        _args.check_hparams(params)
+        checks.check_hparams(params)
         self.model = model
         self._names = tuple(params)
         for name, value in params.items():
@@ -43,8 +47,19 @@ class FGSM(Attack):
 
     _fn = staticmethod(fgsm)
 
-    def __init__(self, model, eps=8 / 255, *, targeted=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False):
-        super().__init__(model, eps=eps, targeted=targeted, clip_min=clip_min, clip_max=clip_max, loss=loss, amp=amp)
+    def __init__(self, model, eps=8 / 255, *, targeted=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False,
+                 norm="linf"):
+        super().__init__(model, eps=eps, targeted=targeted, clip_min=clip_min, clip_max=clip_max, loss=loss, amp=amp,
+                         norm=norm)
+
+
+class FGM(FGSM):
+    """FGM, the L2 form of FGSM (Goodfellow et al. 2015; Miyato et al. 2017): ``x + eps * g / ||g||_2``,
+    clipped; see :func:`fgsm` with ``norm="l2"``."""
+
+    def __init__(self, model, eps=1.0, *, targeted=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False):
+        super().__init__(model, eps=eps, targeted=targeted, clip_min=clip_min, clip_max=clip_max, loss=loss, amp=amp,
+                         norm="l2")
 
 
 class FGSM_RS(Attack):
@@ -53,9 +68,9 @@ class FGSM_RS(Attack):
     _fn = staticmethod(fgsm_rs)
 
     def __init__(self, model, eps=8 / 255, alpha=None, *, targeted=False, clip_min=0.0, clip_max=1.0, loss="ce",
-                 amp=False, generator=None):
+                 amp=False, generator=None, norm="linf"):
         super().__init__(model, eps=eps, alpha=alpha, targeted=targeted, clip_min=clip_min, clip_max=clip_max,
-                         loss=loss, amp=amp, generator=generator)
+                         loss=loss, amp=amp, generator=generator, norm=norm)
 
 
 class BIM(Attack):
@@ -64,9 +79,9 @@ class BIM(Attack):
     _fn = staticmethod(bim)
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, *, targeted=False, early_stop=False,
-                 clip_min=0.0, clip_max=1.0, loss="ce", amp=False):
+                 clip_min=0.0, clip_max=1.0, loss="ce", amp=False, norm="linf"):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, targeted=targeted, early_stop=early_stop,
-                         clip_min=clip_min, clip_max=clip_max, loss=loss, amp=amp)
+                         clip_min=clip_min, clip_max=clip_max, loss=loss, amp=amp, norm=norm)
 
 
 class PGD(Attack):
@@ -79,7 +94,23 @@ class PGD(Attack):
     _fn = staticmethod(pgd)
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, *, restarts=1,
-                 targeted=False, early_stop=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False, generator=None):
+                 targeted=False, early_stop=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False, generator=None,
+                 norm="linf"):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start, restarts=restarts,
                          targeted=targeted, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, loss=loss,
-                         amp=amp, generator=generator)
+                         amp=amp, generator=generator, norm=norm)
+
+
+class PGDL2(PGD):
+    """PGD under the L2 norm (Madry et al. 2018), with torchattacks' ``PGDL2`` defaults; see :func:`pgd`
+    with ``norm="l2"``.
+
+    >>> atk = PGDL2(model, eps=1.0, alpha=0.2, steps=10, random_start=True)
+    >>> adv_images = atk(images, labels)
+    """
+
+    def __init__(self, model, eps=1.0, alpha=0.2, steps=10, random_start=True, *, restarts=1, targeted=False,
+                 early_stop=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False, generator=None):
+        super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start, restarts=restarts,
+                         targeted=targeted, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, loss=loss,
+                         amp=amp, generator=generator, norm="l2")

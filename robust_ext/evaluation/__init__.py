@@ -11,11 +11,11 @@ from .margin import minimal_eps
 from .metrics import perturbation_norms, robustness_margin, success_rate
 from .report import Report
 from .runner import evaluate
-from .specs import KINDS, AttackSpec, make_attack
+from .specs import AttackSpec, make_attack
 from .trajectory import pgd_trajectory
 from .transfer import TransferResult, transfer_matrix
 
-__all__ = ["evaluate", "Report", "make_attack", "AttackSpec", "KINDS", "minimal_eps", "robustness_margin",
+__all__ = ["evaluate", "Report", "make_attack", "AttackSpec", "minimal_eps", "robustness_margin",
            "success_rate", "perturbation_norms", "transfer_matrix", "TransferResult", "pgd_trajectory",
            "gradient_masking_warnings", "zero_gradient_mask", "MaskingThresholds", "GradientMaskingWarning",
            "EvaluationWarning"]

@@ -12,8 +12,8 @@ import torch
 from torch import nn
 from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-from ..attacks._args import check_int
-from ..attacks._loop import eval_mode  # noqa: F401  (one definition, re-exported for this package)
+from ..attacks.checks import check_int
+from ..attacks.core import eval_mode  # noqa: F401  (one definition, re-exported for this package)
 from ..data import make_loader
 
 Batch = Tuple[torch.Tensor, torch.Tensor]

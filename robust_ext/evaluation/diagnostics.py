@@ -16,7 +16,7 @@ from typing import Optional, Sequence, Tuple
 
 import torch
 
-from ..attacks._loop import Objective
+from ..attacks.core import Objective
 from ._inputs import eval_mode
 
 
@@ -52,7 +52,7 @@ def zero_gradient_mask(model, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     gradient counts as zero, as the fused steps treat it. The model runs in eval mode."""
     objective = Objective(model, "ce", False, None, x.device.type)  # the attacks' own input gradient
     with eval_mode(model):
-        grad, _ = objective.grad(x.detach().clone(), y.to(x.device))
+        grad, _, _ = objective.grad(x.detach().clone(), y.to(x.device))
     return (torch.nan_to_num(grad, nan=0.0) == 0).flatten(1).all(1)
 
 

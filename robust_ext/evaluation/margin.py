@@ -19,8 +19,9 @@ def bisection_steps(eps_max: float, tol: float) -> int:
 
 def minimal_eps(model, x: torch.Tensor, y: torch.Tensor, *, eps_max: float, tol: Optional[float] = None,
                 attack="pgd", clip_min: float = 0.0, clip_max: float = 1.0,
-                generator: Optional[torch.Generator] = None) -> torch.Tensor:
-    """Per sample, the smallest ε in ``(0, eps_max]`` at which ``attack`` fools the model, to within ``tol``.
+                generator: Optional[torch.Generator] = None, norm="linf") -> torch.Tensor:
+    """Per sample, the smallest ε in ``(0, eps_max]`` at which ``attack`` fools the model under ``norm``, to
+    within ``tol``.
 
     ``attack``: a name or an :class:`~robust_ext.evaluation.AttackSpec` that takes per-sample ε (the named
     attacks do; default PGD with its defaults). Returns float64 ``[N]`` on x's device:
@@ -49,7 +50,7 @@ def minimal_eps(model, x: torch.Tensor, y: torch.Tensor, *, eps_max: float, tol:
         hi = torch.full((rows.numel(),), eps_max, dtype=torch.float64, device=x.device)
 
         def fooled(eps):
-            x_adv = spec(model, xs, ys, eps, clip_min=clip_min, clip_max=clip_max, generator=generator)
+            x_adv = spec(model, xs, ys, eps, norm=norm, clip_min=clip_min, clip_max=clip_max, generator=generator)
             return predict(model, x_adv) != ys
 
         reached = fooled(hi)

@@ -12,14 +12,12 @@ from typing import Optional, Sequence
 
 import torch
 
+from ..attacks.threats import lp_distance
+
 
 def perturbation_norms(x_adv: torch.Tensor, x: torch.Tensor):
     """Per-sample L-inf and L2 norms of ``x_adv - x``, in float64."""
-    delta = (x_adv.detach().to(torch.float64) - x.detach().to(torch.float64)).flatten(1)
-    if delta.shape[1] == 0:
-        zero = delta.new_zeros(delta.shape[0])
-        return zero, zero
-    return delta.abs().amax(1), delta.norm(dim=1)
+    return lp_distance(x_adv, x, float("inf")), lp_distance(x_adv, x, 2.0)
 
 
 def success_rate(clean_correct: int, robust: int) -> Optional[float]:
@@ -28,14 +26,15 @@ def success_rate(clean_correct: int, robust: int) -> Optional[float]:
 
 
 class Tally:
-    """Sums over batches for one (attack, ε): robust count, and L-inf/L2 perturbation sum and max."""
+    """Sums over batches for one (attack, ε): robust count, L-inf/L2 perturbation sum and max, and how far
+    the perturbations exceed ε in the evaluation's norm."""
 
     def __init__(self):
         self.n = self.robust = 0
         self.linf_sum = self.l2_sum = self.linf_max = self.l2_max = 0.0
-        self.excess = -math.inf  # max over samples of |delta|inf - eps
+        self.excess = -math.inf  # max over samples of ||delta|| - eps in the evaluation's norm
 
-    def add(self, robust: torch.Tensor, linf: torch.Tensor, l2: torch.Tensor, eps: float):
+    def add(self, robust: torch.Tensor, linf: torch.Tensor, l2: torch.Tensor, eps: float, distance: torch.Tensor):
         self.n += robust.numel()
         self.robust += int(robust.sum())
         if linf.numel():
@@ -43,7 +42,7 @@ class Tally:
             self.l2_sum += float(l2.sum())
             self.linf_max = max(self.linf_max, float(linf.max()))
             self.l2_max = max(self.l2_max, float(l2.max()))
-            self.excess = max(self.excess, float(linf.max()) - eps)
+            self.excess = max(self.excess, float(distance.max()) - eps)
 
     def summary(self, clean_correct: int) -> dict:
         return {"accuracy": self.robust / self.n, "success_rate": success_rate(clean_correct, self.robust),

@@ -12,6 +12,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from .._io import atomic_write
+from ..attacks.threats import norm_label
 from ._inputs import eval_mode, predict
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -55,7 +56,7 @@ def plot_accuracy_curves(reports, path: PathLike, *, title: Optional[str] = None
     target = first.config.get("target_accuracy")
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"target {target:.0%}")
-    ax.set_xlabel("eps (L-inf)")
+    ax.set_xlabel(f"eps ({norm_label(first.config.get('norm', 'linf'))})")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)

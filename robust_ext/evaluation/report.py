@@ -10,6 +10,7 @@ from typing import Any, Dict, List, Optional, Union
 
 from .._io import write_json
 from .._json import decode, encode
+from ..attacks.threats import norm_label
 
 PathLike = Union[str, "os.PathLike[str]"]
 # Only numbers are decoded, so that a model called "inf" stays a string: the free-text parts are skipped,
@@ -93,7 +94,7 @@ class Report:
         width = max([len(n) for n in self.attacks] + [10])
         lines = [f"{self.config.get('model', {}).get('name', 'model')} on {self.n_samples} samples of "
                  f"{self.config.get('data', {}).get('name', 'data')}: clean accuracy {self.clean_accuracy:.2%}",
-                 f"{'eps':<{width}} " + " ".join(f"{e:>8.4g}" for e in self.eps) + "   margin"]
+                 f"{'eps (' + norm_label(self.config.get('norm', 'linf')) + ')':<{width}} " + " ".join(f"{e:>8.4g}" for e in self.eps) + "   margin"]
         rows = list(self.attacks.items()) + ([("worst case", self.worst_case)] if self.worst_case else [])
         for name, r in rows:
             m = r["margin"]

@@ -14,6 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import backend
+from ..attacks.threats import get_threat
 from . import metrics
 from ._inputs import (as_batches, check_eps, check_eps_grid, check_seed, eval_mode, generator, model_info, predict,
                       resolve_device, rng_devices)
@@ -34,12 +35,14 @@ def _version() -> str:
     return robust_ext.__version__
 
 
-def _large_eps(large_eps, clip_min, clip_max) -> Optional[float]:
+def _large_eps(large_eps, clip_min, clip_max, threat, sample_numel: int) -> Optional[float]:
+    """The large-ε check's budget: given, or ("auto") the radius at which every image of the clip box can be
+    moved to its centre under the threat model (None when the model does not say)."""
     if large_eps is None:
         return None
     if large_eps == "auto":
         span = clip_max - clip_min
-        return 0.5 * span if math.isfinite(span) and span > 0 else None
+        return threat.covering_radius(0.5 * span, sample_numel) if math.isfinite(span) and span > 0 else None
     return check_eps(large_eps, "large_eps", positive=True)
 
 
@@ -72,7 +75,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
              thresholds: MaskingThresholds = MaskingThresholds(), clip_min: float = 0.0, clip_max: float = 1.0,
              batch_size: int = 256, max_samples: Optional[int] = None, device=None, seed: int = 0,
              progress: bool = True, model_name: Optional[str] = None, data_name: Optional[str] = None,
-             plot_dir=None, n_examples: int = 8, example_eps: Optional[float] = None) -> Report:
+             plot_dir=None, n_examples: int = 8, example_eps: Optional[float] = None, norm="linf") -> Report:
     """Evaluate ``model``'s robustness to ``attacks`` at every ε of ``eps`` on ``data``.
 
     Args:
@@ -82,12 +85,17 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
         attacks: names (``"fgsm"``, ``"bim"``, ``"pgd"``, ``"noise"``; see :mod:`.specs` for defaults),
             :func:`make_attack` specs, attack objects (robust_ext or torchattacks classes: their ``eps`` is
             set per grid point, the rest kept) or callables ``fn(model, x, y, eps=eps) -> x_adv``.
-        eps: the ε grid (sorted, duplicates dropped); every value finite and >= 0.
+        eps: the ε grid (sorted, duplicates dropped); every value finite and >= 0, in the units of ``norm``.
+        norm: the threat model: ``"linf"`` (default), ``"l2"`` or a
+            :class:`~robust_ext.attacks.ThreatModel`. Named attacks run under it; budget checks, the minimal
+            ε, the report and the plots measure distances in it (attack objects and callables keep their own
+            norm: pass ones that match).
         target_accuracy: the robust accuracy that defines the robustness margin.
         min_eps: bisect each sample's minimal fooling ε up to ``eps_max`` (default: the largest ε) to within
             ``min_eps_tol`` (default ``eps_max / 256``) with the evaluation's first PGD (True), or with the
             named attack / spec given; False skips it.
-        large_eps: the ε of the "accuracy falls towards 0" check ("auto": half the clip range; None: skip).
+        large_eps: the ε of the "accuracy falls towards 0" check ("auto": the radius that moves every image to
+            the clip box's centre: half the clip range for L-inf, that times sqrt(pixels) for L2; None: skip).
         thresholds: when the gradient-masking warnings fire.
         seed: every random start and noise draw comes from generators derived from it, and the global RNG
             is seeded with it inside the evaluation (and restored afterwards): same seed, same report
@@ -101,11 +109,13 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
     :class:`GradientMaskingWarning`, an attack leaving its ε-ball as an :class:`EvaluationWarning`.
     """
     t_start = time.perf_counter()
+    threat = get_threat(norm)
     grid = check_eps_grid(eps)
     specs = resolve_attacks(attacks)
     seed = check_seed(seed)
     metrics.robustness_margin([0.0], [1.0], target_accuracy)  # checks target_accuracy before the work
-    big = _large_eps(large_eps, clip_min, clip_max)
+    if large_eps not in (None, "auto"):
+        check_eps(large_eps, "large_eps", positive=True)
     pgd = _pgd_spec(specs)
     bisect = None
     if min_eps is not False:
@@ -114,8 +124,6 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
             raise ValueError(f"min_eps needs a named attack (it bisects a per-sample eps), got {bisect.name!r}")
         eps_max = check_eps(max(grid) if eps_max is None else eps_max, "eps_max", positive=True)
         min_eps_tol = eps_max / 256 if min_eps_tol is None else check_eps(min_eps_tol, "min_eps_tol", positive=True)
-    big_pgd = _large_eps_spec(pgd, big)
-    reuse_big = big is not None and any(s is big_pgd for s in specs) and any(math.isclose(big, e) for e in grid)
     batches = as_batches(data, batch_size, max_samples, data_name)
     dev = resolve_device(model, device)
 
@@ -125,6 +133,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
     clean_correct, zero_grad, big_robust, min_eps_values, examples = [], 0, 0, [], None
     gens = {(i, j): generator(seed, _ATTACK, i, j) for i in range(len(specs)) for j in range(len(grid))}
     gen_min, gen_big = generator(seed, _MIN_EPS), generator(seed, _LARGE_EPS)
+    big, big_pgd, reuse_big = None, pgd, False  # set from the first batch (L2's radius needs its size)
 
     with torch.random.fork_rng(devices=rng_devices(dev)), eval_mode(model):
         torch.manual_seed(seed)
@@ -133,6 +142,10 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
                 x, y = x.to(dev), y.to(dev)
             if examples is None:
                 examples = (x[:n_examples], y[:n_examples])
+                big = _large_eps(large_eps, clip_min, clip_max, threat, x[0].numel() if len(x) else 0)
+                big_pgd = _large_eps_spec(pgd, big)
+                reuse_big = (big is not None and any(s is big_pgd for s in specs)
+                             and any(math.isclose(big, e) for e in grid))
             t = time.perf_counter()
             clean = predict(model, x) == y
             clean_correct.append(clean.cpu())
@@ -144,12 +157,14 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
             for i, spec in enumerate(specs):
                 t = time.perf_counter()
                 for j, e in enumerate(grid):
-                    x_adv = spec(model, x, y, e, clip_min=clip_min, clip_max=clip_max, generator=gens[i, j])
+                    x_adv = spec(model, x, y, e, norm=threat, clip_min=clip_min, clip_max=clip_max,
+                                 generator=gens[i, j])
                     if not isinstance(x_adv, torch.Tensor) or x_adv.shape != x.shape:
                         raise ValueError(f"attack {spec.name!r} must return a tensor of x's shape {list(x.shape)}, "
                                          f"got {getattr(x_adv, 'shape', type(x_adv).__name__)}")
                     robust = clean & (predict(model, x_adv) == y)
-                    tallies[spec.name, e].add(robust, *metrics.perturbation_norms(x_adv, x), e)
+                    tallies[spec.name, e].add(robust, *metrics.perturbation_norms(x_adv, x), e,
+                                              threat.distance(x_adv, x))
                     robust_all[j] &= robust
                     if reuse_big and spec is big_pgd and math.isclose(big, e):
                         big_robust += int(robust.sum())
@@ -158,13 +173,15 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
                 worst_robust[j] += int(robust.sum())
             t = time.perf_counter()
             if big is not None and not reuse_big:
-                x_adv = big_pgd(model, x, y, big, clip_min=clip_min, clip_max=clip_max, generator=gen_big)
+                x_adv = big_pgd(model, x, y, big, norm=threat, clip_min=clip_min, clip_max=clip_max,
+                                generator=gen_big)
                 big_robust += int((clean & (predict(model, x_adv) == y)).sum())
             timing["diagnostics_s"] += time.perf_counter() - t
             if bisect is not None:
                 t = time.perf_counter()
                 min_eps_values.append(minimal_eps(model, x, y, eps_max=eps_max, tol=min_eps_tol, attack=bisect,
-                                                  clip_min=clip_min, clip_max=clip_max, generator=gen_min).cpu())
+                                                  clip_min=clip_min, clip_max=clip_max, generator=gen_min,
+                                                  norm=threat).cpu())
                 timing["min_eps_s"] += time.perf_counter() - t
     n = batches.n
     correct = torch.cat(clean_correct)
@@ -203,7 +220,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
 
     config = {
         "model": model_info(model, model_name), "data": batches.describe(),
-        "attacks": [s.describe() for s in specs], "eps": grid, "clip_min": clip_min, "clip_max": clip_max,
+        "attacks": [s.describe() for s in specs], "norm": threat.name, "eps": grid, "clip_min": clip_min, "clip_max": clip_max,
         "target_accuracy": target_accuracy, "seed": seed, "batch_size": batch_size, "thresholds": thresholds.to_dict(),
         "large_eps": big, "device": str(dev if dev is not None else examples[0].device),
         "dtype": str(examples[0].dtype).replace("torch.", ""),
@@ -221,7 +238,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
         t = time.perf_counter()
         report.plots = _write_plots(report, model, examples, pgd, Path(plot_dir),
                                     grid[len(grid) // 2] if example_eps is None else example_eps,
-                                    clip_min, clip_max, generator(seed, _EXAMPLES))
+                                    clip_min, clip_max, generator(seed, _EXAMPLES), threat)
         timing["plots_s"] = time.perf_counter() - t
     timing["total_s"] = time.perf_counter() - t_start
     log.info("evaluated %s: clean %.4f, %d attacks x %d eps in %.1f s", config["model"]["name"], clean_accuracy,
@@ -229,7 +246,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
     return report
 
 
-def _write_plots(report, model, examples, pgd, out: Path, eps, clip_min, clip_max, gen) -> list:
+def _write_plots(report, model, examples, pgd, out: Path, eps, clip_min, clip_max, gen, threat) -> list:
     from . import plots  # matplotlib only when plots are asked for
     from .trajectory import pgd_trajectory
 
@@ -238,14 +255,14 @@ def _write_plots(report, model, examples, pgd, out: Path, eps, clip_min, clip_ma
     eps = check_eps(eps, "example_eps")
     start = gen.get_state()  # both plots follow the same run: the same random start
     with eval_mode(model):
-        x_adv = pgd(model, x, y, eps, clip_min=clip_min, clip_max=clip_max, generator=gen)
+        x_adv = pgd(model, x, y, eps, norm=threat, clip_min=clip_min, clip_max=clip_max, generator=gen)
     gen.set_state(start)
     probs, _ = pgd_trajectory(model, x, y, eps=eps, alpha=pgd.params.get("alpha"), steps=pgd.params.get("steps", 10),
                               random_start=pgd.params.get("random_start", True), clip_min=clip_min,
-                              clip_max=clip_max, generator=gen)
+                              clip_max=clip_max, generator=gen, norm=threat)
     paths = [plots.plot_accuracy_curves(report, out / "accuracy_vs_eps.png"),
              plots.plot_adversarial_examples(model, x, y, x_adv, out / "adversarial_examples.png",
-                                             title=f"{pgd.name}, eps = {eps:.4g}", clip_min=clip_min, clip_max=clip_max),
+                                             title=f"{pgd.name}, eps = {eps:.4g} ({threat.name})", clip_min=clip_min, clip_max=clip_max),
              plots.plot_class_probabilities(probs, y, out / "pgd_probabilities.png",
-                                            title=f"class probabilities along PGD, eps = {eps:.4g}")]
+                                            title=f"class probabilities along PGD, eps = {eps:.4g} ({threat.name})")]
     return [str(p) for p in paths]

@@ -1,50 +1,31 @@
-"""The attacks an evaluation runs: names with defaults, robust_ext/torchattacks attack objects, or callables,
-all behind one call ``spec(model, x, y, eps, clip_min=, clip_max=, generator=)``.
+"""The attacks an evaluation runs: names of the attack registry with their defaults, robust_ext/torchattacks
+attack objects, or callables, all behind one call ``spec(model, x, y, eps, norm=, clip_min=, clip_max=,
+generator=)``.
 
-Defaults of the named attacks (all L-inf, untargeted, cross-entropy):
-
-* ``"fgsm"``: one signed-gradient step of size ε.
-* ``"bim"``: ``steps=10`` steps of ``alpha = 2.5 ε / steps`` from the clean image.
-* ``"pgd"``: as BIM from a uniform random start in the ε-ball, ``restarts=1``, with early stop (a sample
-  leaves the batch at the first iterate that fools the model: as strong as the last iterate for accuracy,
-  and faster).
-* ``"noise"``: uniform random noise in the ε-ball (``draws=1``; with more draws a sample counts as fooled
-  when any draw fools it), a sanity baseline that a gradient attack should beat.
-
-``make_attack("pgd", steps=50, restarts=3)`` changes them; ``alpha`` set to a float is an absolute step size
-used at every ε, ``None`` the 2.5 ε / steps rule.
+The named attacks and their defaults are :data:`robust_ext.attacks.ATTACKS` (``python -m robust_ext.cli
+evaluate --help`` lists them): ``"fgsm"``, ``"bim"`` (10 steps of 2.5 ε / steps from the clean image),
+``"pgd"`` (the same from a random start, with early stop), ``"noise"`` (a uniform draw from the ε-ball),
+each under the evaluation's norm. ``make_attack("pgd", steps=50, restarts=3)`` changes them; ``alpha`` set to a
+float is an absolute step size used at every ε, ``None`` the registry's rule.
 """
 from __future__ import annotations
 
 import copy
 import functools
-import numbers
 from dataclasses import dataclass, field, replace
 from typing import Any, Callable, Dict, Optional
 
-import torch
-
 from .. import attacks as A
-from .. import ops
-from ..attacks._args import check_int
+from ..attacks.registry import ATTACKS, get_attack
 
-KINDS = ("fgsm", "bim", "pgd", "noise")
-ALPHA_FACTOR = 2.5
-_DEFAULTS: Dict[str, Dict[str, Any]] = {
-    "fgsm": {"loss": "ce", "amp": False},
-    "bim": {"steps": 10, "alpha": None, "loss": "ce", "amp": False},
-    "pgd": {"steps": 10, "alpha": None, "random_start": True, "restarts": 1, "early_stop": True, "loss": "ce",
-            "amp": False},
-    "noise": {"draws": 1},
-}
 _FUNCTIONAL = {A.fgsm: "fgsm", A.bim: "bim", A.pgd: "pgd"}
 
 
 @dataclass(frozen=True)
 class AttackSpec:
-    """One attack of an evaluation. ``name`` labels it in the report; ``kind`` is ``fgsm``, ``bim``,
-    ``pgd``, ``noise`` (the gradient-masking checks compare kinds) or ``custom``; ``params`` its
-    hyper-parameters as recorded in the report. ``per_sample_eps``: it takes a tensor of per-sample ε."""
+    """One attack of an evaluation. ``name`` labels it in the report; ``kind`` is a registry name (the
+    gradient-masking checks compare kinds) or ``custom``; ``params`` its hyper-parameters as recorded in the
+    report. ``per_sample_eps``: it takes a tensor of per-sample ε."""
 
     name: str
     kind: str
@@ -52,76 +33,39 @@ class AttackSpec:
     run: Callable = field(repr=False)
     per_sample_eps: bool = False
 
-    def __call__(self, model, x, y, eps, *, clip_min=0.0, clip_max=1.0, generator=None, rebind=False):
-        """``x_adv`` for budget ``eps`` (a float, or a per-sample tensor when ``per_sample_eps``).
-        ``rebind`` makes an attack object attack ``model`` instead of the model it was built with."""
-        return self.run(model, x, y, eps, clip_min, clip_max, generator, rebind)
+    def __call__(self, model, x, y, eps, *, norm="linf", clip_min=0.0, clip_max=1.0, generator=None, rebind=False):
+        """``x_adv`` for budget ``eps`` (a float, or a per-sample tensor when ``per_sample_eps``) under
+        ``norm`` (named attacks; attack objects and callables keep their own). ``rebind`` makes an attack
+        object attack ``model`` instead of the model it was built with."""
+        return self.run(model, x, y, eps, norm, clip_min, clip_max, generator, rebind)
 
     def describe(self) -> Dict[str, Any]:
         return {"name": self.name, "kind": self.kind, "params": dict(self.params)}
 
-
-def _check_params(kind: str, params: Dict[str, Any]) -> Dict[str, Any]:
-    unknown = sorted(set(params) - set(_DEFAULTS[kind]))
-    if unknown:
-        raise ValueError(f"unknown parameter(s) {unknown} for attack {kind!r}; it takes {sorted(_DEFAULTS[kind])}")
-    p = {**_DEFAULTS[kind], **params}
-    for key in ("steps", "restarts", "draws"):
-        if key in p:
-            check_int(p[key], f"{kind}: {key}", 1)
-    alpha = p.get("alpha")
-    if alpha is not None and (isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not alpha >= 0):
-        raise ValueError(f"{kind}: alpha must be None (2.5 eps / steps) or a float >= 0, got {alpha!r}")
-    if "loss" in p and p["loss"] not in A.LOSSES:
-        raise ValueError(f"{kind}: loss must be one of {A.LOSSES}, got {p['loss']!r}")
-    return p
-
-
-def _alpha(p, eps):
-    return p["alpha"] if p["alpha"] is not None else eps * (ALPHA_FACTOR / p["steps"])
-
-
-def _noise(model, x, y, eps, lo, hi, generator, draws):
-    x_adv = ops.linf_random_init(x, eps, lo, hi, generator=generator)
-    for _ in range(draws - 1):
-        with torch.no_grad():
-            fooled = model(x_adv).argmax(1) != y
-        if bool(fooled.all()):
-            break
-        candidate = ops.linf_random_init(x, eps, lo, hi, generator=generator)
-        x_adv = torch.where(fooled.view((-1,) + (1,) * (x.dim() - 1)), x_adv, candidate)
-    return x_adv
-
-
-def _named_runner(kind: str, p: Dict[str, Any]) -> Callable:
-    def run(model, x, y, eps, lo, hi, generator, rebind):
-        if kind == "noise":
-            return _noise(model, x, y.to(x.device), eps, lo, hi, generator, p["draws"])
-        common = {"clip_min": lo, "clip_max": hi, "loss": p["loss"], "amp": p["amp"]}
-        if kind == "fgsm":
-            return A.fgsm(model, x, y, eps=eps, **common)
-        if kind == "bim":
-            return A.bim(model, x, y, eps=eps, alpha=_alpha(p, eps), steps=p["steps"], **common)
-        return A.pgd(model, x, y, eps=eps, alpha=_alpha(p, eps), steps=p["steps"], random_start=p["random_start"],
-                     restarts=p["restarts"], early_stop=p["early_stop"], generator=generator, **common)
-    return run
+    def alpha(self, eps):
+        """The step size this spec takes at ``eps`` (None for an attack without one or not from the registry)."""
+        return get_attack(self.kind).alpha(eps, self.params) if self.kind in ATTACKS else None
 
 
 def make_attack(kind: str, *, name: Optional[str] = None, **params) -> AttackSpec:
-    """A named attack (``"fgsm"``, ``"bim"``, ``"pgd"``, ``"noise"``) with its defaults overridden by
-    ``params``; ``name`` labels it in the report (default: the kind)."""
-    if kind not in KINDS:
-        raise ValueError(f"unknown attack {kind!r}; known attacks: {', '.join(KINDS)} (or pass an attack object "
+    """A named attack of the registry with its defaults overridden by ``params``; ``name`` labels it in the
+    report (default: the kind)."""
+    if kind not in ATTACKS:
+        raise ValueError(f"unknown attack {kind!r}; known attacks: {', '.join(ATTACKS)} (or pass an attack object "
                          "or a callable(model, x, y, eps=eps) -> x_adv)")
-    p = _check_params(kind, params)
-    return AttackSpec(name or kind, kind, p, _named_runner(kind, p), per_sample_eps=True)
+    entry = get_attack(kind)
+    p = entry.params(**params)
+
+    def run(model, x, y, eps, norm, lo, hi, generator, rebind):
+        return entry(model, x, y.to(x.device), eps, norm=norm, clip_min=lo, clip_max=hi, generator=generator, **p)
+    return AttackSpec(name or kind, kind, p, run, per_sample_eps=True)
 
 
 def _object_spec(atk) -> AttackSpec:
     kind = type(atk).__name__.lower()
     kind = kind if kind in ("fgsm", "bim", "pgd") else "custom"
 
-    def run(model, x, y, eps, lo, hi, generator, rebind):
+    def run(model, x, y, eps, norm, lo, hi, generator, rebind):
         a = copy.copy(atk)  # the caller's object keeps its eps
         a.eps = eps
         if rebind:
@@ -137,7 +81,7 @@ def _callable_spec(fn) -> AttackSpec:
     params = {k: repr(v) for k, v in fn.keywords.items()} if isinstance(fn, functools.partial) else {}
     params["callable"] = f"{getattr(base, '__module__', '?')}.{getattr(base, '__qualname__', label)}"
 
-    def run(model, x, y, eps, lo, hi, generator, rebind):
+    def run(model, x, y, eps, norm, lo, hi, generator, rebind):
         return fn(model, x, y, eps=eps)
     return AttackSpec(label, kind, params, run)
 
@@ -154,7 +98,7 @@ def resolve_attack(attack) -> AttackSpec:
         return _object_spec(attack)
     if callable(attack):
         return _callable_spec(attack)
-    raise TypeError(f"an attack must be a name ({', '.join(KINDS)}), an AttackSpec, an attack object or a "
+    raise TypeError(f"an attack must be a name ({', '.join(ATTACKS)}), an AttackSpec, an attack object or a "
                     f"callable, got {type(attack).__name__}")
 
 

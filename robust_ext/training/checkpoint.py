@@ -79,7 +79,10 @@ def load_training_checkpoint(path: Path, map_location: Any = "cpu") -> Dict[str,
 def check_resumable(path: Path, saved: Dict[str, Any], config: TrainConfig) -> None:
     """Refuse to resume a run under a recipe that would not continue it."""
     current = config.to_dict()
-    changed = [f"{k}: {saved.get(k)!r} -> {current[k]!r}" for k in TRAJECTORY_FIELDS if saved.get(k) != current[k]]
+    # A field newer than the checkpoint (e.g. norm) counts as its default, which is what the run used.
+    default = TrainConfig().to_dict()
+    changed = [f"{k}: {saved.get(k, default[k])!r} -> {current[k]!r}" for k in TRAJECTORY_FIELDS
+               if saved.get(k, default[k]) != current[k]]
     if saved.get("epochs") != config.epochs and config.scheduler != "none":
         changed.append(f"epochs: {saved.get('epochs')!r} -> {config.epochs!r} (the {config.scheduler!r} "
                        "schedule spans the whole run; only scheduler='none' runs can be extended)")

@@ -10,15 +10,18 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..attacks._args import amp_dtype, check_int
+from ..attacks.checks import amp_dtype, check_bounds, check_int
+from ..attacks.registry import attack_names, get_attack, multi_step_alpha
+from ..attacks.threats import NORMS
 
-METHODS = ("standard", "fgsm_rs", "pgd")
+# "standard", then every registered attack that can generate training examples (fgsm_rs, pgd).
+METHODS = ("standard",) + attack_names(training=True)
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle", "cyclic")
 
 # Fields that shape the trajectory: resuming with other values would not continue the same run.
 TRAJECTORY_FIELDS = ("method", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "eps",
-                     "alpha", "pgd_steps", "mix_ratio", "amp", "channels_last", "seed", "drop_last", "clip_min",
+                     "alpha", "pgd_steps", "norm", "mix_ratio", "amp", "channels_last", "seed", "drop_last", "clip_min",
                      "clip_max", "eval_eps", "eval_alpha", "eval_steps", "eval_samples", "guard", "guard_drop",
                      "guard_floor")
 
@@ -31,8 +34,11 @@ class TrainConfig:
         method: ``"standard"``; ``"fgsm_rs"``: FGSM with a random start, "fast" adversarial training (Wong,
             Rice and Kolter 2020, "Fast is better than free"); ``"pgd"``: PGD adversarial training (Madry et
             al. 2018), ``pgd_steps`` steps of ``alpha`` from a random start.
-        eps: L-inf radius of the training attack, in image units (required for fgsm_rs and pgd).
-        alpha: attack step; default ``1.25 * eps`` for fgsm_rs (Wong et al.), ``2.5 * eps / pgd_steps`` for pgd.
+        norm: the training attack's threat model, ``"linf"`` (default) or ``"l2"``; the per-epoch robust
+            evaluation uses it too.
+        eps: radius of the training attack in ``norm``, in image units (required for fgsm_rs and pgd).
+        alpha: attack step; default the attack registry's rule: ``1.25 * eps`` for fgsm_rs (Wong et al.),
+            ``2.5 * eps / pgd_steps`` for pgd.
         mix_ratio: weight ``r`` of the adversarial loss: ``loss = (1 - r) * CE(clean) + r * CE(adversarial)``,
             each the batch mean (Goodfellow et al. 2015's mixed objective; MATLAB's adversarial-training
             example retrains on a clean/adversarial mix). Default 1.0: adversarial examples only. With
@@ -82,6 +88,7 @@ class TrainConfig:
     eps: Optional[float] = None
     alpha: Optional[float] = None
     pgd_steps: int = 10
+    norm: str = "linf"
     mix_ratio: Optional[float] = None
     clip_min: float = 0.0
     clip_max: float = 1.0
@@ -107,6 +114,7 @@ class TrainConfig:
         _choice(self.method, "method", METHODS)
         _choice(self.optimizer, "optimizer", OPTIMIZERS)
         _choice(self.scheduler, "scheduler", SCHEDULERS)
+        _choice(self.norm, "norm", tuple(NORMS))
         check_int(self.epochs, "epochs", 1)
         check_int(self.batch_size, "batch_size", 1)
         check_int(self.pgd_steps, "pgd_steps", 1)
@@ -127,8 +135,7 @@ class TrainConfig:
                 _real(getattr(self, name), name, low=0.0)
         _real(self.clip_min, "clip_min")
         _real(self.clip_max, "clip_max")
-        if self.clip_min >= self.clip_max:
-            raise ValueError(f"clip_min must be < clip_max, got clip_min={self.clip_min}, clip_max={self.clip_max}")
+        check_bounds(self.clip_min, self.clip_max)
         for name in ("drop_last", "channels_last", "plot"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
@@ -164,9 +171,9 @@ class TrainConfig:
 
     @property
     def attack_alpha(self) -> Optional[float]:
-        if self.alpha is not None or not self.adversarial:
+        if not self.adversarial:
             return self.alpha
-        return 1.25 * self.eps if self.method == "fgsm_rs" else 2.5 * self.eps / self.pgd_steps
+        return get_attack(self.method).alpha(self.eps, {"alpha": self.alpha, "steps": self.pgd_steps})
 
     @property
     def adv_weight(self) -> float:
@@ -180,7 +187,9 @@ class TrainConfig:
 
     @property
     def robust_alpha(self) -> float:
-        return float(self.eval_alpha) if self.eval_alpha is not None else 2.5 * self.robust_eps / self.eval_steps
+        if self.eval_alpha is not None:
+            return float(self.eval_alpha)
+        return multi_step_alpha(self.robust_eps, {"steps": self.eval_steps})
 
     @property
     def robust_eval(self) -> bool:

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import attacks, models
+from ..attacks.registry import get_attack
 from . import distributed as dist_util
 from .batches import Batches, EpochOrder, check_dataset, derive_seed, num_batches
 from .checkpoint import (capture_rng, check_resumable, load_training_checkpoint, remove_stale_temporaries,
@@ -175,12 +176,14 @@ class _Run:
 
     # ------------------------------------------------------------------------------------ one epoch
     def _attack(self, x, y):
-        c, amp = self.cfg, self.amp_dtype or False
-        if c.method == "fgsm_rs":
-            return attacks.fgsm_rs(self.raw, x, y, eps=c.eps, alpha=c.attack_alpha, clip_min=c.clip_min,
-                                   clip_max=c.clip_max, amp=amp, generator=self.attack_gen)
-        return attacks.pgd(self.raw, x, y, eps=c.eps, alpha=c.attack_alpha, steps=c.pgd_steps, random_start=True,
-                           clip_min=c.clip_min, clip_max=c.clip_max, amp=amp, generator=self.attack_gen)
+        c = self.cfg
+        entry = get_attack(c.method)
+        # Every step for training data (no early stop: lower-loss examples otherwise); the registry's other
+        # defaults for the method.
+        params = {k: v for k, v in {"alpha": c.attack_alpha, "steps": c.pgd_steps, "early_stop": False,
+                                    "amp": self.amp_dtype or False}.items() if k in entry.defaults}
+        return entry(self.raw, x, y, c.eps, norm=c.norm, clip_min=c.clip_min, clip_max=c.clip_max,
+                     generator=self.attack_gen, **params)
 
     def _autocast(self):
         return torch.autocast(self.device.type, dtype=self.amp_dtype, enabled=self.amp_dtype is not None)
@@ -276,7 +279,7 @@ class _Run:
                 x, y = self._to_device(x, y)
                 x_adv = attacks.pgd(self.raw, x, y, eps=c.robust_eps, alpha=c.robust_alpha, steps=c.eval_steps,
                                     clip_min=c.clip_min, clip_max=c.clip_max, amp=self.amp_dtype or False,
-                                    generator=self.eval_gen)
+                                    generator=self.eval_gen, norm=c.norm)
                 with torch.no_grad(), self._autocast():
                     sums[3] += (self.raw(x_adv).argmax(1) == y).sum()
                 sums[4] += y.numel()

@@ -1,4 +1,5 @@
-"""Argument checks of the attacks: each error names the argument, what was expected and what came."""
+"""Argument checks shared by the attacks, the evaluation, training and the CLI: each error names the argument,
+what was expected and what came."""
 from __future__ import annotations
 
 import math
@@ -7,8 +8,8 @@ import numbers
 import torch
 
 from ..reference import compute_dtype
-
-LOSSES = ("ce", "margin")
+from .losses import get_loss
+from .threats import get_threat
 
 # Layouts that x_adv (a clone or empty_like of x) keeps and the fused step's fast path takes.
 _LAYOUTS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
@@ -57,14 +58,14 @@ def check_bounds(clip_min, clip_max) -> tuple[float, float]:
     for v, name in ((clip_min, "clip_min"), (clip_max, "clip_max")):
         if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
             raise ValueError(f"{name} must be a float, got {v!r}")
-    if clip_min > clip_max:
-        raise ValueError(f"clip_min must be <= clip_max, got clip_min={clip_min} and clip_max={clip_max}")
+    if not clip_min < clip_max:  # one rule for attacks, evaluation, training and the CLI
+        raise ValueError(f"clip_min must be < clip_max, got clip_min={clip_min} and clip_max={clip_max}")
     return float(clip_min), float(clip_max)
 
 
-def check_loss(loss) -> str:
-    if loss not in LOSSES:
-        raise ValueError(f"loss must be one of {LOSSES}, got {loss!r}")
+def check_loss(loss):
+    """A registered loss name (or a Loss), checked; returned as given."""
+    get_loss(loss)
     return loss
 
 
@@ -107,3 +108,4 @@ def check_hparams(params: dict) -> None:
     check_bounds(params["clip_min"], params["clip_max"])
     check_loss(params["loss"])
     amp_dtype(params["amp"], "cpu")
+    get_threat(params.get("norm", "linf"))
