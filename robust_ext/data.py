@@ -257,10 +257,11 @@ def _read_cifar_batch(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     if not isinstance(data, np.ndarray) or data.dtype != np.uint8 or data.ndim != 2 or data.shape[1] != 3072:
         raise ValueError(f"{path}: 'data' must be a uint8 array N x 3072, got "
                          f"{getattr(data, 'dtype', type(data).__name__)} {getattr(data, 'shape', '')}")
-    try:
-        labels = np.asarray(labels, dtype=np.int64)
-    except (TypeError, ValueError, OverflowError) as e:
-        raise ValueError(f"{path}: 'labels' must be a list of ints: {e}") from e
+    # No conversion: a float 2.7, a bool or a string "2" is not a label (np.int64 would make 2s of them all).
+    if not isinstance(labels, list) or not all(type(v) is int for v in labels):
+        kinds = sorted({type(v).__name__ for v in labels}) if isinstance(labels, list) else type(labels).__name__
+        raise ValueError(f"{path}: 'labels' must be a list of ints in 0..9, found {kinds}")
+    labels = np.asarray(labels, dtype=np.int64) if labels else np.zeros(0, dtype=np.int64)
     if labels.shape != (len(data),) or labels.size and (labels.min() < 0 or labels.max() > 9):
         raise ValueError(f"{path}: 'labels' must be {len(data)} ints in 0..9, got shape {labels.shape}")
     return data.reshape(-1, 3, 32, 32), labels  # each row: 1024 red, 1024 green, 1024 blue, row-major
@@ -416,8 +417,11 @@ def load_dataset(name: str = "mnist5k", *, data_dir: Optional[PathLike] = None, 
         train_idx, test_idx = stratified_split(labels, fraction, seed)
         order = {"train": train_idx, "test": test_idx, "all": np.concatenate([train_idx, test_idx])}[split]
         images, labels = images[order], labels[order]
-    if labels.size and (labels.min() < 0 or labels.max() >= len(classes)):
-        raise ValueError(f"{source}: labels must be in 0..{len(classes) - 1}, found {labels.min()}..{labels.max()}")
+    if not len(labels):
+        raise ValueError(f"{source}: the {split} split holds no samples")
+    if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= len(classes):
+        raise ValueError(f"{source}: labels must be in 0..{len(classes) - 1} (integers), found {labels.dtype} "
+                         f"{labels.min()}..{labels.max()}")
     if images.dtype == np.uint8:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
     else:

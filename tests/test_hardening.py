@@ -216,3 +216,48 @@ def test_cifar_pickle_cannot_allocate_arrays_it_does_not_hold(tmp_path):
         (root / "test_batch").write_bytes(pickled(call))
         message, peak = peak_bytes(lambda: load_dataset("cifar10", data_dir=root, split="test"))
         assert "test_batch" in message and peak < 10_000_000, message
+
+
+# ------------------------------------------------------------------------ 6: labels, empty data
+def cifar_dir(root, labels, n=None):
+    import pickle
+
+    root.mkdir(parents=True, exist_ok=True)
+    n = len(labels) if n is None else n
+    batch = {"data": np.zeros((n, 3072), dtype=np.uint8), "labels": labels}
+    (root / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    return root
+
+
+@pytest.mark.parametrize("labels, match", [
+    ([1, -100], "0..9"), ([1, 10], "0..9"), ([1.0, 2.7], "ints"), ([True, False], "ints"), ([1, "2"], "ints"),
+])
+def test_cifar_labels_are_integers_in_range(tmp_path, labels, match):
+    from robust_ext.data import load_dataset
+
+    with pytest.raises(ValueError, match=f"test_batch.*{match}"):
+        load_dataset("cifar10", data_dir=cifar_dir(tmp_path, labels), split="test")
+
+
+def test_labels_out_of_range_and_empty_data_from_the_cli(tmp_path, capsys):
+    from robust_ext.models import SmallCNN, save_checkpoint
+
+    model = save_checkpoint(tmp_path / "cnn.pt", SmallCNN(in_channels=3, input_size=32))
+    bad = cifar_dir(tmp_path / "bad", [3, -100])
+    code, _, err = run(capsys, "attack", "--model", str(model), "--data", "cifar10", "--data-dir", str(bad),
+                       "--out", str(tmp_path / "out"))
+    one_line_error(code, err, "--data cifar10", "test_batch", "0..9")
+    empty = write_idx_dir(tmp_path / "empty", np.zeros((0, 28, 28), np.uint8), np.zeros(0, np.uint8))
+    for argv in (["attack", "--model", str(model)], ["evaluate", "--model", str(model)], ["train"]):
+        code, _, err = run(capsys, *argv, "--data", "mnist-idx", "--data-dir", str(empty), "--out", str(tmp_path / "o"))
+        one_line_error(code, err, "--data mnist-idx", "no samples")
+
+
+def test_empty_split_is_one_clear_error(tmp_path):
+    from robust_ext.data import load_dataset
+
+    empty = write_idx_dir(tmp_path, np.zeros((0, 5, 5), np.uint8), np.zeros(0, np.uint8))
+    with pytest.raises(ValueError, match=f"{tmp_path}: the train split holds no samples"):
+        load_dataset("mnist-idx", data_dir=empty)
+    with pytest.raises(ValueError, match="the test split holds no samples"):
+        load_dataset("digits", split="test", test_fraction=0.001)
