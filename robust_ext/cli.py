@@ -244,7 +244,7 @@ def _attack_params(name: str):
 def build_parser() -> argparse.ArgumentParser:
     from .attacks.registry import ATTACKS
     from .attacks.threats import NORMS
-    from .training.config import METHODS
+    from .training.config import methods
 
     norms = tuple(NORMS)
     p = _Parser(prog="robust-ext", description=__doc__.splitlines()[0])
@@ -274,7 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--data", default="mnist5k")
     tr.add_argument("--data-dir")
     tr.add_argument("--arch", default="small_cnn")
-    tr.add_argument("--method", default="fgsm_rs", choices=METHODS, help="training method (default: fgsm_rs)")
+    tr.add_argument("--method", default="fgsm_rs", choices=methods(), help="training method (default: fgsm_rs)")
     tr.add_argument("--norm", default="linf", choices=norms, help="threat model of the training attack (default: linf)")
     tr.add_argument("--eps", type=_number, default=0.1, help="radius of the training attack, e.g. 0.1 or 8/255 "
                     "(default: 0.1)")

@@ -2,6 +2,7 @@ import os
 
 import pytest
 import torch
+from torch import nn
 
 import robust_ext
 from robust_ext import ops
@@ -44,3 +45,49 @@ def impl(request, monkeypatch):
 def pytest_report_header(config):
     return [f"robust_ext backend: {robust_ext.backend()}", f"robust_ext build: {robust_ext.build_info()}",
             f"ROBUST_EXT_BACKEND={os.environ.get('ROBUST_EXT_BACKEND', '')!r} threads={torch.get_num_threads()}"]
+
+
+# A small trained model shared by the attack and threat-model tests.
+def digits_cnn():
+    return nn.Sequential(nn.Conv2d(1, 16, 3, padding=1), nn.BatchNorm2d(16), nn.ReLU(),
+                         nn.Conv2d(16, 32, 3, padding=1, stride=2), nn.ReLU(), nn.Flatten(),
+                         nn.Dropout(0.1), nn.Linear(32 * 4 * 4, 10))
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """8x8 images are too small to gain from threads; on a busy machine two OpenMP threads per process
+    made every step ~20x slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def digits(one_thread):
+    """(model in eval mode, 250 test images [N, 1, 8, 8] in [0, 1], their labels).
+
+    250, not 256: with a power-of-two batch torchattacks' mean loss scales the gradient exactly, which
+    would make the bit-exact comparisons below too easy."""
+    datasets = pytest.importorskip("sklearn.datasets")
+    d = datasets.load_digits()
+    x = torch.tensor(d.images, dtype=torch.float32).unsqueeze(1) / 16
+    y = torch.tensor(d.target, dtype=torch.long)
+    g = torch.Generator().manual_seed(0)
+    perm = torch.randperm(len(y), generator=g)
+    train, test = perm[:1297], perm[1297:1297 + 250]
+    with torch.random.fork_rng():
+        torch.manual_seed(0)
+        model = digits_cnn()
+        opt = torch.optim.Adam(model.parameters(), 1e-2)
+        for _ in range(60):
+            idx = train[torch.randint(0, len(train), (128,), generator=g)]
+            loss = nn.functional.cross_entropy(model(x[idx]), y[idx])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+    model.eval()
+    for p in model.parameters():
+        p.grad = None
+    return model, x[test], y[test]

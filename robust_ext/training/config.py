@@ -14,8 +14,15 @@ from ..attacks.checks import amp_dtype, check_bounds, check_int
 from ..attacks.registry import attack_names, get_attack, multi_step_alpha
 from ..attacks.threats import NORMS
 
-# "standard", then every registered attack that can generate training examples (fgsm_rs, pgd).
-METHODS = ("standard",) + attack_names(training=True)
+
+
+def methods():
+    """"standard", then every registered attack that can generate training examples (fgsm_rs, pgd, and any
+    registered later with ``training=True``)."""
+    return ("standard",) + attack_names(training=True)
+
+
+METHODS = methods()  # the built-in ones, at import
 OPTIMIZERS = ("adam", "sgd")
 SCHEDULERS = ("none", "cosine", "onecycle", "cyclic")
 
@@ -111,7 +118,7 @@ class TrainConfig:
     device: Optional[Union[str, torch.device]] = None
 
     def __post_init__(self):
-        _choice(self.method, "method", METHODS)
+        _choice(self.method, "method", methods())
         _choice(self.optimizer, "optimizer", OPTIMIZERS)
         _choice(self.scheduler, "scheduler", SCHEDULERS)
         _choice(self.norm, "norm", tuple(NORMS))
