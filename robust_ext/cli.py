@@ -169,6 +169,7 @@ def cmd_attack(args) -> int:
     import torch
 
     from .attacks.registry import get_attack
+    from .evaluation._inputs import logits_of, nonfinite_message, nonfinite_rows
     from .evaluation.metrics import perturbation_norms, success_rate
     from .evaluation.plots import plot_adversarial_examples
 
@@ -176,6 +177,7 @@ def cmd_attack(args) -> int:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
+    out = check_out_dir(args.out)
     ds = _load_data(args.data, args.data_dir, args.split, args.n)
     model = _load_model(args.model, ds[0])
     x, y = ds.tensors
@@ -188,25 +190,28 @@ def cmd_attack(args) -> int:
 
     def run(xb, yb):
         return entry(model, xb, yb, args.eps, norm=args.norm, generator=gen, **params)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
     chunks = []
     from tqdm import tqdm
     for start in tqdm(range(0, len(x), args.batch_size), disable=not _progress(args), desc=args.attack):
         chunks.append(run(x[start:start + args.batch_size], y[start:start + args.batch_size]))
     x_adv = torch.cat(chunks)
-    with torch.no_grad():
-        clean_pred = torch.cat([model(b).argmax(1) for b in x.split(args.batch_size)])
-        adv_pred = torch.cat([model(b).argmax(1) for b in x_adv.split(args.batch_size)])
+    clean_logits = torch.cat([logits_of(model, b) for b in x.split(args.batch_size)])
+    clean_pred = clean_logits.argmax(1)
+    adv_pred = torch.cat([logits_of(model, b).argmax(1) for b in x_adv.split(args.batch_size)])
     correct = clean_pred == y
     robust = correct & (adv_pred == y)
+    broken = int(nonfinite_rows(clean_logits).sum())
+    warnings = [nonfinite_message(broken, len(x))] if broken else []
+    for w in warnings:
+        print(f"robust-ext: warning: {w}", file=sys.stderr)
     linf, l2 = perturbation_norms(x_adv, x)
     norms = {"linf_mean": linf.mean().item(), "linf_max": linf.max().item(), "l2_mean": l2.mean().item(),
              "l2_max": l2.max().item()}
     result = {"model": args.model, "data": args.data, "split": args.split, "n": len(x), "attack": args.attack,
               "norm": args.norm, "eps": args.eps, "alpha": alpha, "steps": params.get("steps", 1),
               "clean_accuracy": correct.float().mean().item(), "robust_accuracy": robust.float().mean().item(),
-              "success_rate": success_rate(int(correct.sum()), int(robust.sum())), "norms": norms}
+              "success_rate": success_rate(int(correct.sum()), int(robust.sum())), "norms": norms,
+              "nonfinite_logits": broken, "warnings": warnings}
     torch.save({"x_adv": x_adv, "y": y, "clean_pred": clean_pred, "adv_pred": adv_pred}, out / "adversarial.pt")
     write_json(out / "attack.json", result)
     plot_adversarial_examples(model, x[:8], y[:8], x_adv[:8], out / "adversarial_examples.png")
@@ -217,6 +222,7 @@ def cmd_attack(args) -> int:
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate, make_attack
 
+    check_out_dir(args.out)
     ds = _load_data(args.data, args.data_dir, args.split, args.n)
     model = _load_model(args.model, ds[0])
     specs = []

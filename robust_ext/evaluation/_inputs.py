@@ -162,13 +162,28 @@ def model_info(model, name: Optional[str] = None) -> dict:
             "parameters": params}
 
 
-def predict(model, x: torch.Tensor) -> torch.Tensor:
+def logits_of(model, x: torch.Tensor) -> torch.Tensor:
+    """The model's logits ``[N, num_classes]`` without autograd, checked."""
     with torch.no_grad():
         logits = model(x)
     if not isinstance(logits, torch.Tensor) or logits.dim() != 2 or logits.shape[0] != x.shape[0]:
         raise ValueError(f"model must return logits [N, num_classes], got "
                          f"{list(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__}")
-    return logits.argmax(1)
+    return logits
+
+
+def predict(model, x: torch.Tensor) -> torch.Tensor:
+    return logits_of(model, x).argmax(1)
+
+
+def nonfinite_rows(logits: torch.Tensor) -> torch.Tensor:
+    """Per sample: does any logit hold NaN or inf? (A broken model: its argmax means nothing.)"""
+    return (~torch.isfinite(logits)).any(1)
+
+
+def nonfinite_message(count: int, n: int) -> str:
+    return (f"the model returned non-finite logits (NaN or inf) for {count} of {n} samples: its predictions and "
+            "every accuracy on those samples are meaningless (a broken checkpoint, or an overflow)")
 
 
 def rng_devices(device: Optional[torch.device]) -> list:

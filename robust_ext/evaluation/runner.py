@@ -16,11 +16,12 @@ from tqdm.auto import tqdm
 from .. import backend
 from ..attacks.threats import get_threat
 from . import metrics
-from ._inputs import (as_batches, check_eps, check_eps_grid, check_seed, eval_mode, generator, model_info, predict,
-                      resolve_device, rng_devices)
+from ._inputs import (as_batches, check_eps, check_eps_grid, check_seed, eval_mode, generator, logits_of, model_info,
+                      nonfinite_message, nonfinite_rows, predict, resolve_device, rng_devices)
 from .diagnostics import EvaluationWarning, GradientMaskingWarning, MaskingThresholds, gradient_masking_warnings, \
     zero_gradient_mask
 from .margin import bisection_steps, minimal_eps, summarize_minimal_eps
+from .memory import PROBE_SAMPLES, working_batch_size
 from .report import Report
 from .specs import make_attack, resolve_attacks
 
@@ -69,6 +70,20 @@ def _large_eps_spec(pgd, big):
     return make_attack("pgd", steps=pgd.params["steps"], amp=pgd.params.get("amp", False))
 
 
+def _working_batches(batches, model, dev, batch_size: int, state: dict):
+    """The data's batches moved to ``dev``, each split to the working batch size (measured on the first)."""
+    for xb, yb in batches:
+        if "size" not in state:
+            px, py = xb[:PROBE_SAMPLES], yb[:PROBE_SAMPLES]
+            if dev is not None:
+                px, py = px.to(dev), py.to(dev)
+            state["size"] = working_batch_size(model, px, py, batch_size)
+        size = state["size"]
+        for s in range(0, xb.shape[0], size):
+            x, y = xb[s:s + size], yb[s:s + size]
+            yield (x.to(dev), y.to(dev)) if dev is not None else (x, y)
+
+
 def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], target_accuracy: float = 0.5,
              min_eps: Union[bool, str, object] = True, eps_max: Optional[float] = None,
              min_eps_tol: Optional[float] = None, large_eps: Union[str, float, None] = "auto",
@@ -94,6 +109,8 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
         min_eps: bisect each sample's minimal fooling ε up to ``eps_max`` (default: the largest ε) to within
             ``min_eps_tol`` (default ``eps_max / 256``) with the evaluation's first PGD (True), or with the
             named attack / spec given; False skips it.
+        batch_size: samples per batch, capped by the memory available (measured on the first batch, see
+            :mod:`.memory`; the report's ``working_batch_size`` says what ran, the log says when it capped).
         large_eps: the ε of the "accuracy falls towards 0" check ("auto": the radius that moves every image to
             the clip box's centre: half the clip range for L-inf, that times sqrt(pixels) for L2; None: skip).
         thresholds: when the gradient-masking warnings fire.
@@ -131,15 +148,15 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
     worst_robust = [0] * len(grid)
     timing = {"clean_s": 0.0, "attacks_s": {s.name: 0.0 for s in specs}, "min_eps_s": 0.0, "diagnostics_s": 0.0}
     clean_correct, zero_grad, big_robust, min_eps_values, examples = [], 0, 0, [], None
+    nonfinite, work = 0, {}
     gens = {(i, j): generator(seed, _ATTACK, i, j) for i in range(len(specs)) for j in range(len(grid))}
     gen_min, gen_big = generator(seed, _MIN_EPS), generator(seed, _LARGE_EPS)
     big, big_pgd, reuse_big = None, pgd, False  # set from the first batch (L2's radius needs its size)
 
     with torch.random.fork_rng(devices=rng_devices(dev)), eval_mode(model):
         torch.manual_seed(seed)
-        for x, y in tqdm(batches, total=batches.num_batches, desc="evaluate", disable=not progress, leave=False):
-            if dev is not None:
-                x, y = x.to(dev), y.to(dev)
+        for x, y in tqdm(_working_batches(batches, model, dev, batch_size, work), total=batches.num_batches,
+                         desc="evaluate", disable=not progress, leave=False):
             if examples is None:
                 examples = (x[:n_examples], y[:n_examples])
                 big = _large_eps(large_eps, clip_min, clip_max, threat, x[0].numel() if len(x) else 0)
@@ -147,7 +164,9 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
                 reuse_big = (big is not None and any(s is big_pgd for s in specs)
                              and any(math.isclose(big, e) for e in grid))
             t = time.perf_counter()
-            clean = predict(model, x) == y
+            logits = logits_of(model, x)
+            clean = logits.argmax(1) == y
+            nonfinite += int(nonfinite_rows(logits).sum())
             clean_correct.append(clean.cpu())
             timing["clean_s"] += time.perf_counter() - t
             t = time.perf_counter()
@@ -207,6 +226,8 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
     big_check = (big, big_robust / n) if big is not None else None
     masking = gradient_masking_warnings(grid, [(s.name, s.kind, _reachable(s, grid, results[s.name]["accuracy"]))
                                                for s in specs], n, zero_grad_fraction, big_check, thresholds)
+    if nonfinite:
+        issues.insert(0, nonfinite_message(nonfinite, n))
     for message in issues:
         warnings.warn(message, EvaluationWarning, stacklevel=2)
     for message in masking:
@@ -221,7 +242,8 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
     config = {
         "model": model_info(model, model_name), "data": batches.describe(),
         "attacks": [s.describe() for s in specs], "norm": threat.name, "eps": grid, "clip_min": clip_min, "clip_max": clip_max,
-        "target_accuracy": target_accuracy, "seed": seed, "batch_size": batch_size, "thresholds": thresholds.to_dict(),
+        "target_accuracy": target_accuracy, "seed": seed, "batch_size": batch_size,
+        "working_batch_size": work.get("size"), "thresholds": thresholds.to_dict(),
         "large_eps": big, "device": str(dev if dev is not None else examples[0].device),
         "dtype": str(examples[0].dtype).replace("torch.", ""),
         "versions": {"robust_ext": _version(), "torch": torch.__version__, "numpy": np.__version__,
@@ -230,7 +252,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
     }
     report = Report(config=config, n_samples=n, clean_accuracy=clean_accuracy, eps=grid, attacks=results,
                     worst_case=worst_case if len(specs) > 1 else None, min_eps=min_eps_summary,
-                    diagnostics={"zero_grad_fraction": zero_grad_fraction,
+                    diagnostics={"zero_grad_fraction": zero_grad_fraction, "nonfinite_logits": nonfinite,
                                  "large_eps": None if big_check is None else
                                  {"eps": big_check[0], "accuracy": big_check[1], "attack": big_pgd.describe()}},
                     warnings=issues + masking, timing=timing)
