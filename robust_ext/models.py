@@ -12,10 +12,13 @@ their parameters and inputs only.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import os
 import pickle
+import threading
+import zipfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any, Callable, Dict, Sequence, Tuple, Union
@@ -201,8 +204,9 @@ class Normalized(nn.Module):
 
     def __init__(self, model: nn.Module, mean: Sequence[float], std: Sequence[float]):
         super().__init__()
-        mean_t = torch.as_tensor(mean, dtype=torch.float32).flatten()
-        std_t = torch.as_tensor(std, dtype=torch.float32).flatten()
+        # On the CPU whatever the default device: checked here, and built on the meta device by load_model.
+        mean_t = torch.as_tensor(mean, dtype=torch.float32, device="cpu").flatten()
+        std_t = torch.as_tensor(std, dtype=torch.float32, device="cpu").flatten()
         if mean_t.numel() != std_t.numel() or mean_t.numel() == 0:
             raise ValueError(f"mean and std need the same, non-zero length; got {mean_t.numel()} and {std_t.numel()}")
         if not bool((std_t > 0).all() and torch.isfinite(std_t).all() and torch.isfinite(mean_t).all()):
@@ -272,21 +276,46 @@ def save_checkpoint(path: PathLike, model: nn.Module, **extra: Any) -> Path:
     return path
 
 
+# A checkpoint's zip entries may declare at most this many bytes in all (torch.load allocates what they
+# declare), and at most _MAX_INFLATION times the file's size: torch.save stores entries uncompressed, so
+# only a recompressed file inflates at all, and weights deflate by far less than 8:1.
+MAX_CHECKPOINT_BYTES = 1 << 32
+_MAX_INFLATION = 8
+
+
+def _check_archive(path: Path, max_bytes: int) -> None:
+    size = path.stat().st_size
+    try:
+        with zipfile.ZipFile(path) as archive:
+            declared = sum(info.file_size for info in archive.infolist())
+    except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as e:
+        raise ValueError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): not the zip archive "
+                         f"torch.save writes: {e}") from None
+    bound = min(max_bytes, _MAX_INFLATION * size + (1 << 20))
+    if declared > bound:
+        raise ValueError(f"{path}: its zip entries declare {declared:,} bytes, more than {bound:,} ({_MAX_INFLATION}x "
+                         f"the file's {size:,} bytes + 1 MiB, at most {max_bytes:,}): a decompression bomb, or a "
+                         "checkpoint larger than load_checkpoint(max_bytes=...) allows")
+
+
 def _torch_reason(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     key = [line for line in lines if "unsupported" in line.lower() or "failed reading" in line.lower()]
     return "; ".join(key) or (lines[-1] if lines else type(error).__name__)
 
 
-def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]:
+def load_checkpoint(path: PathLike, map_location: Any = "cpu", max_bytes: int = MAX_CHECKPOINT_BYTES) -> Dict[str, Any]:
     """Read and validate a checkpoint written by :func:`save_checkpoint` with ``torch.load(weights_only=True)``.
 
     Returns the dict (``arch``, ``config``, ``state_dict`` and the extras). A missing file raises
     FileNotFoundError; a corrupt file, a non-checkpoint, or one holding arbitrary pickled objects ValueError.
+    Before ``torch.load`` reads it, the zip archive's declared sizes are bounded (``max_bytes``, and 8 times
+    the file's size), so a small file cannot make it allocate gigabytes.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    _check_archive(path, max_bytes)
     try:
         checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as e:
@@ -311,16 +340,115 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu") -> Dict[str, Any]
     return checkpoint
 
 
-def load_model(path: PathLike, map_location: Any = "cpu") -> nn.Module:
+_CONFIG_INT = 1 << 20
+_CONFIG_ITEMS, _CONFIG_LEAVES, _CONFIG_DEPTH = 256, 1024, 8
+
+
+def _check_config(path: Path, config: Any) -> None:
+    """Every value of an untrusted config within bounds no model here needs to exceed."""
+    leaves = 0
+
+    def walk(value: Any, where: str, depth: int) -> None:
+        nonlocal leaves
+        if depth > _CONFIG_DEPTH:
+            raise ValueError(f"{path}: {where} nests deeper than {_CONFIG_DEPTH} levels")
+        if isinstance(value, (dict, list, tuple)):
+            if len(value) > _CONFIG_ITEMS:
+                raise ValueError(f"{path}: {where} has {len(value):,} items, more than {_CONFIG_ITEMS}")
+            items = value.items() if isinstance(value, dict) else enumerate(value)
+            for k, v in items:
+                walk(v, f"{where}[{k!r}]", depth + 1)
+            return
+        leaves += 1
+        if leaves > _CONFIG_LEAVES:
+            raise ValueError(f"{path}: config holds more than {_CONFIG_LEAVES} values")
+        if isinstance(value, int) and not isinstance(value, bool) and abs(value) > _CONFIG_INT:
+            raise ValueError(f"{path}: {where} = {value} is out of range (integers within +-{_CONFIG_INT:,})")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ValueError(f"{path}: {where} = {value} is not a finite number")
+        if isinstance(value, str) and len(value) > _CONFIG_ITEMS:
+            raise ValueError(f"{path}: {where} is a string of {len(value):,} characters")
+
+    walk(config, "config", 0)
+
+
+class _OverBudget(Exception):
+    pass
+
+
+@contextlib.contextmanager
+def _registration_budget(limit: int):
+    """Abort a model's construction in this thread once it registers more than ``limit`` modules and tensors."""
+    owner, count = threading.get_ident(), 0
+
+    def hook(*_):
+        nonlocal count
+        if threading.get_ident() == owner:
+            count += 1
+            if count > limit:
+                raise _OverBudget
+    registry = nn.modules.module
+    handles = [registry.register_module_module_registration_hook(hook),
+               registry.register_module_parameter_registration_hook(hook),
+               registry.register_module_buffer_registration_hook(hook)]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+def _mismatch(state: Dict[str, torch.Tensor], expected: Dict[str, torch.Tensor]) -> str:
+    def some(keys):
+        return ", ".join(keys[:3]) + (f" and {len(keys) - 3} more" if len(keys) > 3 else "")
+
+    missing = [k for k in expected if k not in state]
+    unexpected = [k for k in state if k not in expected]
+    shapes = [f"{k} {list(state[k].shape)} vs {list(v.shape)}" for k, v in expected.items()
+              if k in state and state[k].shape != v.shape]
+    return "; ".join(f"{what}: {some(keys)}" for what, keys in (
+        ("missing keys", missing), ("unexpected keys", unexpected), ("shapes (checkpoint vs model)", shapes)) if keys)
+
+
+def _check_fits(path: Path, arch: str, config: Dict[str, Any], state: Dict[str, torch.Tensor]) -> None:
+    """Build the architecture on the meta device (no memory for its tensors) and compare its state_dict's keys
+    and shapes with the checkpoint's, before anything is allocated. Its construction is cut short once it
+    registers far more modules and tensors than the state_dict holds (a config asking for a huge network)."""
+    limit = 4 * len(state) + 64
+    try:
+        with _registration_budget(limit), torch.device("meta"):
+            skeleton = build_model(arch, **config)
+    except _OverBudget:
+        raise RuntimeError(f"{path}: state_dict does not match architecture {arch!r} with config {config}: the "
+                           f"config builds more than {limit} modules and tensors, the state_dict holds "
+                           f"{len(state)} tensors") from None
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: cannot build {arch!r} from config {config}: {e}") from e
+    except Exception as e:  # a factory that cannot build on the meta device cannot be checked first
+        raise ValueError(f"{path}: cannot check {arch!r} with config {config} against the state_dict before "
+                         f"building it: its factory fails on the meta device: {type(e).__name__}: {e}") from e
+    details = _mismatch(state, skeleton.state_dict())
+    if details:
+        raise RuntimeError(f"{path}: state_dict does not match architecture {arch!r} with config {config}: "
+                           f"{details}")
+
+
+def load_model(path: PathLike, map_location: Any = "cpu", max_bytes: int = MAX_CHECKPOINT_BYTES) -> nn.Module:
     """Rebuild the model saved at ``path`` and load its weights; returned in eval mode.
 
     The model is moved to ``map_location`` when that names a device. Unknown architecture or invalid config:
-    ValueError; a state_dict that does not fit the architecture: RuntimeError; both name the file.
+    ValueError; a state_dict that does not fit the architecture: RuntimeError; both name the file. Nothing
+    in the file is trusted: the config's values are bounded and the architecture is built first on the
+    meta device and checked against the state_dict's keys and shapes, so the model allocated is exactly
+    as large as the weights the file holds (``max_bytes``: see :func:`load_checkpoint`).
     """
-    checkpoint = load_checkpoint(path, map_location)
+    path = Path(path)
+    checkpoint = load_checkpoint(path, map_location, max_bytes)
     arch, config = checkpoint["arch"], checkpoint["config"]
     if arch not in _REGISTRY:
         raise ValueError(f"{path}: unknown architecture {arch!r}; registered: {', '.join(available_models())}")
+    _check_config(path, config)
+    _check_fits(path, arch, config, checkpoint["state_dict"])
     try:
         model = build_model(arch, **config)
     except (TypeError, ValueError) as e:

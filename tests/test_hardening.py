@@ -133,14 +133,14 @@ def test_scored_checkpoint_names_the_file_holding_the_scored_weights(tmp_path):
 
 
 # ------------------------------------------------------------------------ 1: decompression bombs
-def peak_bytes(call):
-    """Run ``call`` (which must raise ValueError); return the message and the peak of traced allocations
+def peak_bytes(call, error=ValueError):
+    """Run ``call`` (which must raise ``error``); return the message and the peak of traced allocations
     (numpy's and Python's buffers are traced)."""
     import tracemalloc
 
     tracemalloc.start()
     try:
-        with pytest.raises(ValueError) as info:
+        with pytest.raises(error) as info:
             call()
         return str(info.value), tracemalloc.get_traced_memory()[1]
     finally:
@@ -261,3 +261,89 @@ def test_empty_split_is_one_clear_error(tmp_path):
         load_dataset("mnist-idx", data_dir=empty)
     with pytest.raises(ValueError, match="the test split holds no samples"):
         load_dataset("digits", split="test", test_fraction=0.001)
+
+
+# ------------------------------------------------------------------------ 2: hostile checkpoints
+def deflated(src, dst):
+    """The same checkpoint with every zip entry deflate-compressed (torch.load reads it)."""
+    import zipfile
+
+    with zipfile.ZipFile(src) as zi, zipfile.ZipFile(dst, "w", zipfile.ZIP_DEFLATED, compresslevel=9) as zo:
+        for info in zi.infolist():
+            zo.writestr(info.filename, zi.read(info.filename))
+    return dst
+
+
+def test_deflated_checkpoint_is_refused_before_torch_load(tmp_path, monkeypatch):
+    from robust_ext.models import SmallCNN, load_model, save_checkpoint
+
+    plain = save_checkpoint(tmp_path / "plain.pt", SmallCNN(), padding=torch.zeros(64 << 20, dtype=torch.uint8))
+    path = deflated(plain, tmp_path / "bomb.pt")
+    assert path.stat().st_size < 1_000_000
+
+    def no_load(*args, **kwargs):
+        raise AssertionError("torch.load was called on an archive declaring 64 MB in a few hundred KB")
+
+    monkeypatch.setattr(torch, "load", no_load)
+    with pytest.raises(ValueError, match="bomb.pt.*declare"):
+        load_model(path)
+
+
+def test_recompressed_checkpoint_within_bounds_still_loads(tmp_path):
+    from robust_ext.models import SmallCNN, load_model, save_checkpoint
+
+    torch.manual_seed(0)
+    model = SmallCNN()
+    path = deflated(save_checkpoint(tmp_path / "plain.pt", model), tmp_path / "deflated.pt")
+    loaded = load_model(path)
+    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+
+
+def tampered(tmp_path, model, **config):
+    from robust_ext.models import save_checkpoint
+
+    path = save_checkpoint(tmp_path / "t.pt", model)
+    checkpoint = torch.load(path, weights_only=True)
+    checkpoint["config"].update(config)
+    torch.save(checkpoint, path)
+    return path
+
+
+def test_tiny_checkpoint_asking_for_a_deep_resnet_is_refused_before_building(tmp_path):
+    from robust_ext.models import PreActResNet, load_model
+
+    path = tampered(tmp_path, PreActResNet(width=4), blocks=[20000, 1])
+    message, peak = peak_bytes(lambda: load_model(path), RuntimeError)
+    assert peak < 20_000_000  # not 20,000 blocks of modules
+    assert "t.pt" in message and "does not match" in message and len(message) < 1000, message[:1000]
+
+
+@pytest.mark.parametrize("config, match", [
+    ({"input_size": 10 ** 12}, "input_size"), ({"num_classes": -(2 ** 40)}, "num_classes"),
+    ({"input_size": [28] * 5000}, "input_size"), ({"padding": float("nan")}, "padding"),
+])
+def test_checkpoint_config_values_are_bounded(tmp_path, config, match):
+    from robust_ext.models import SmallCNN, load_model
+
+    with pytest.raises(ValueError, match=f"t.pt.*config.*{match}"):
+        load_model(tampered(tmp_path, SmallCNN(), **config))
+
+
+def test_checkpoint_config_and_state_dict_shapes_are_compared_before_building(tmp_path, monkeypatch):
+    """A config whose model would be large is refused on its declared shapes: nothing is allocated."""
+    from robust_ext.models import SmallCNN, load_model
+
+    path = tampered(tmp_path, SmallCNN(), input_size=[1000, 1000])  # a 160 M-parameter classifier
+    allocated = []
+    empty = torch.empty
+
+    def spy(*args, **kwargs):
+        t = empty(*args, **kwargs)
+        if t.device.type != "meta" and t.numel() > 10 ** 6:
+            allocated.append(t.shape)
+        return t
+
+    monkeypatch.setattr(torch, "empty", spy)
+    with pytest.raises(RuntimeError, match="t.pt.*does not match"):
+        load_model(path)
+    assert not allocated
