@@ -143,7 +143,8 @@ def cmd_train(args) -> int:
     train_set = _load_data(args.data, args.data_dir, "train", None)
     test_set = _load_data(args.data, args.data_dir, "test", None)
     channels, height, width = train_set[0][0].shape
-    config = {"in_channels": channels, "num_classes": train_set.num_classes}
+    # mnist-idx counts classes per split (up to the largest label): the model needs the larger count
+    config = {"in_channels": channels, "num_classes": max(train_set.num_classes, test_set.num_classes)}
     if args.arch == "small_cnn":
         config["input_size"] = [height, width]
     try:

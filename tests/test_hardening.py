@@ -347,3 +347,17 @@ def test_checkpoint_config_and_state_dict_shapes_are_compared_before_building(tm
     with pytest.raises(RuntimeError, match="t.pt.*does not match"):
         load_model(path)
     assert not allocated
+
+
+def test_train_sizes_the_classifier_for_the_labels_of_both_splits(tmp_path, capsys):
+    rng = np.random.default_rng(0)
+    root = tmp_path / "data"
+    root.mkdir()
+    for prefix, top in (("train", 11), ("t10k", 12)):  # mnist-idx counts classes up to each split's largest label
+        labels = np.append(rng.integers(0, 10, 7), top).astype(np.uint8)
+        (root / f"{prefix}-images-idx3-ubyte").write_bytes(idx_bytes(rng.integers(0, 256, (8, 6, 6), dtype=np.uint8)))
+        (root / f"{prefix}-labels-idx1-ubyte").write_bytes(idx_bytes(labels))
+    code, _, err = run(capsys, "train", "--data", "mnist-idx", "--data-dir", str(root), "--method", "standard",
+                       "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"))
+    assert code == 0, err
+    assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["num_classes"] == 13
