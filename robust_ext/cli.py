@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -27,12 +28,16 @@ class _Parser(argparse.ArgumentParser):
 
 
 def _number(text: str) -> float:
-    """A number as users type budgets: ``0.03``, ``8/255``."""
+    """A budget as users type it: ``0.03``, ``8/255``; finite and >= 0."""
+    from .attacks.checks import MAX_BUDGET
+
     num, sep, den = text.strip().partition("/")
     try:
         value = float(num) / float(den) if sep else float(num)
-    except (ValueError, ZeroDivisionError):
-        raise argparse.ArgumentTypeError(f"expected a number such as 0.03 or 8/255, got {text.strip()!r}") from None
+    except (ValueError, ZeroDivisionError, OverflowError):
+        value = math.nan
+    if not (math.isfinite(value) and 0 <= value <= MAX_BUDGET):
+        raise argparse.ArgumentTypeError(f"expected a finite number >= 0 such as 0.03 or 8/255, got {text.strip()!r}")
     return value
 
 

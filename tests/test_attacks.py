@@ -496,6 +496,13 @@ BAD = [
     (dict(eps=torch.tensor([0.1, -0.1] * 4)), "eps"),
     (dict(eps=torch.ones(8, dtype=torch.long)), "eps"),
     (dict(alpha=-0.01), "alpha"),
+    # Non-finite or float32-overflowing budgets are refused (inf times a zero gradient would write NaN).
+    (dict(eps=float("inf")), "eps must be a finite float"),
+    (dict(alpha=float("inf")), "alpha must be a finite float"),
+    (dict(alpha=1e39), "alpha must be a finite float"),
+    (dict(eps=10 ** 400), "eps must be a finite float"),
+    (dict(eps=torch.full((8,), float("inf"))), "eps must be finite"),
+    (dict(alpha=torch.full((8,), 1e39, dtype=torch.float64)), "alpha must be finite"),
     (dict(steps=0), "steps"),
     (dict(steps=2.5), "steps"),
     (dict(restarts=0), "restarts"),

@@ -59,9 +59,9 @@ def test_evaluate_writes_report(tmp_path, checkpoint, capsys):
     (["attack", "--model", "{ckpt}", "--data", "mnist-idx", "--out", "{tmp}"], "--data mnist-idx"),
     (["attack", "--model", "{ckpt}", "--attack", "bim", "--steps", "0", "--out", "{tmp}"], "--steps must be >= 1"),
     (["attack", "--model", "{ckpt}", "--batch-size", "0", "--out", "{tmp}"], "--batch-size must be >= 1"),
-    (["attack", "--model", "{ckpt}", "-n", "4", "--eps", "-1", "--out", "{tmp}"], "eps must be"),
+    (["attack", "--model", "{ckpt}", "-n", "4", "--eps", "-1", "--out", "{tmp}"], "argument --eps: expected a finite number >= 0"),
     (["attack", "--model", "{ckpt}", "-n", "4", "--restarts", "0", "--out", "{tmp}"], "restarts must be"),
-    (["evaluate", "--model", "{ckpt}", "-n", "4", "--eps", "-0.1", "--out", "{tmp}"], "eps must be"),
+    (["evaluate", "--model", "{ckpt}", "-n", "4", "--eps", "-0.1", "--out", "{tmp}"], "argument --eps: expected a finite number >= 0"),
 ])
 def test_user_errors_are_one_line(tmp_path, checkpoint, capsys, argv, message):
     garbage = tmp_path / "garbage.pt"

@@ -15,6 +15,12 @@ from .threats import get_threat
 _LAYOUTS = (torch.contiguous_format, torch.channels_last, torch.channels_last_3d)
 
 
+def shown(value) -> str:
+    """``repr(value)``, shortened for numbers too long to read (e.g. ``10**400``)."""
+    text = repr(value)
+    return text if len(text) <= 40 else f"{text[:12]}...{text[-6:]} ({len(text)} characters)"
+
+
 def _describe(v) -> str:
     return f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
 
@@ -25,12 +31,25 @@ def check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
+# The largest budget: eps and alpha must be finite in the kernels' float32 compute type (an inf or
+# overflowing budget times a zero gradient would be NaN). The ops refuse the same (csrc/checks.h).
+MAX_BUDGET = torch.finfo(torch.float32).max
+
+
+def _finite_real(value) -> bool:
+    try:
+        return math.isfinite(value) and abs(value) <= MAX_BUDGET
+    except OverflowError:  # an int too large for a float, e.g. 10**400
+        return False
+
+
 def check_scalar_budget(value, name: str):
     """A float budget checked and returned as float; a tensor passed through (checked against x later)."""
     if isinstance(value, torch.Tensor):
         return value
-    if isinstance(value, bool) or not isinstance(value, numbers.Real) or math.isnan(value) or value < 0:
-        raise ValueError(f"{name} must be a float >= 0 or a tensor of per-sample values, got {value!r}")
+    if isinstance(value, bool) or not isinstance(value, numbers.Real) or not _finite_real(value) or value < 0:
+        raise ValueError(f"{name} must be a finite float >= 0 (at most {MAX_BUDGET:.4g}) or a tensor of per-sample "
+                         f"values, got {shown(value)}")
     return float(value)
 
 
@@ -49,8 +68,8 @@ def check_budget(value, name: str, x: torch.Tensor):
                          f"got {list(value.shape)}")
     value = value.detach().to(device=x.device, dtype=compute_dtype(x.dtype)).contiguous()
     # One host sync before the attack starts, for an error here rather than from inside the loop.
-    if n and bool(((value < 0) | value.isnan()).any()):
-        raise ValueError(f"{name} must be >= 0 and not NaN for every sample")
+    if n and bool(((value < 0) | ~value.isfinite() | (value.abs() > MAX_BUDGET)).any()):
+        raise ValueError(f"{name} must be finite and >= 0 for every sample (at most {MAX_BUDGET:.4g})")
     return value
 
 

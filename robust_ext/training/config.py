@@ -10,7 +10,7 @@ from typing import Any, Dict, Optional, Union
 
 import torch
 
-from ..attacks.checks import amp_dtype, check_bounds, check_int
+from ..attacks.checks import MAX_BUDGET, amp_dtype, check_bounds, check_int, shown
 from ..attacks.registry import attack_names, get_attack, multi_step_alpha
 from ..attacks.threats import NORMS
 
@@ -139,7 +139,7 @@ class TrainConfig:
         _real(self.guard_floor, "guard_floor", low=0.0, high=1.0)
         for name in ("eps", "alpha", "eval_eps", "eval_alpha"):
             if getattr(self, name) is not None:
-                _real(getattr(self, name), name, low=0.0)
+                _real(getattr(self, name), name, low=0.0, high=MAX_BUDGET)
         _real(self.clip_min, "clip_min")
         _real(self.clip_max, "clip_max")
         check_bounds(self.clip_min, self.clip_max)
@@ -228,7 +228,10 @@ def _choice(value, name, choices):
 
 
 def _real(value, name, low=None, high=None, strict=False):
-    ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    try:
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+    except OverflowError:  # an int too large for a float
+        ok = False
     if ok and low is not None:
         ok = value > low if strict else value >= low
     if ok and high is not None:
@@ -236,7 +239,7 @@ def _real(value, name, low=None, high=None, strict=False):
     if not ok:
         rng = "" if low is None else (f" > {low}" if strict else f" >= {low}")
         rng += "" if high is None else f" and <= {high}"
-        raise ValueError(f"{name} must be a finite number{rng}, got {value!r}")
+        raise ValueError(f"{name} must be a finite number{rng}, got {shown(value)}")
 
 
 def resolve(config: Optional[TrainConfig], overrides: Dict[str, Any]) -> TrainConfig:
