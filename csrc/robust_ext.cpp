@@ -57,6 +57,18 @@ TORCH_LIBRARY(robust_ext, m) {
   m.def("fgsm(Tensor x, Tensor grad, float eps, float clip_min, float clip_max, Tensor? eps_t=None) -> Tensor");
   m.def("linf_random_init(Tensor x, float eps, float clip_min, float clip_max, Tensor seed, "
         "Tensor? eps_t=None) -> Tensor");
+  // The L2 ball (l2/l2_math.h): the same arguments as the L-inf ops; fgm is FGSM's L2 counterpart.
+  m.def("l2_step(Tensor x_adv, Tensor grad, Tensor x, float alpha, float eps, float clip_min, "
+        "float clip_max, Tensor? alpha_t=None, Tensor? eps_t=None) -> Tensor");
+  m.def("l2_step_(Tensor(a!) x_adv, Tensor grad, Tensor x, float alpha, float eps, float clip_min, "
+        "float clip_max, Tensor? alpha_t=None, Tensor? eps_t=None) -> ()");
+  m.def("l2_project(Tensor x_adv, Tensor x, float eps, float clip_min, float clip_max, "
+        "Tensor? eps_t=None) -> Tensor");
+  m.def("l2_project_(Tensor(a!) x_adv, Tensor x, float eps, float clip_min, float clip_max, "
+        "Tensor? eps_t=None) -> ()");
+  m.def("fgm(Tensor x, Tensor grad, float eps, float clip_min, float clip_max, Tensor? eps_t=None) -> Tensor");
+  m.def("l2_random_init(Tensor x, float eps, float clip_min, float clip_max, Tensor seed, "
+        "Tensor? eps_t=None) -> Tensor");
   // max_pool2d(relu(x), kernel 2, stride 2) and its backward (CPU; other devices use ATen's ops):
   // `code` holds, per output, the window tap that takes the gradient (0-3) or 4 for none; the backward's
   // result has x's layout, which the caller passes (a pooled map can be both NCHW and channels_last).

@@ -5,7 +5,7 @@ that mutates ``x_adv`` and returns it. ``alpha`` and ``eps`` are Python floats o
 per sample (dim 0 of ``x``; a 0-d tensor applies to every sample). A negative ``alpha`` steps *down* the
 gradient: that is the targeted attack's step. ``eps`` must be >= 0.
 
-Semantics shared by the L-inf ops (``csrc/linf/linf_math.h``):
+Semantics of the L-inf ops (``csrc/linf/linf_math.h``):
 
 * ``sign(0) = 0`` as ``torch.sign``; a NaN gradient element counts as 0, so that element does not move
   (NaN is never written into ``x_adv`` from the gradient); a +-inf gradient element has sign +-1.
@@ -13,6 +13,9 @@ Semantics shared by the L-inf ops (``csrc/linf/linf_math.h``):
   operation order, so fp32 results are bit-identical to torchattacks' PGD update.
 * float16/bfloat16 are computed in float32 and rounded once; fp32/fp64 are bit-identical to
   :mod:`robust_ext.reference`.
+
+The L2 ops (``csrc/l2/l2_math.h``) work per sample (dim 0): see :func:`l2_step`. Their sums of squares
+have one fixed order, so results do not depend on thread count, vector width or memory layout.
 
 The compiled extension serves the ops when it is built; otherwise (or with
 ``ROBUST_EXT_BACKEND=reference``) :mod:`robust_ext.reference` does, after a one-time warning.
@@ -29,11 +32,12 @@ import torch
 from . import reference
 
 __all__ = ["linf_step", "linf_step_", "linf_project", "linf_project_", "fgsm", "linf_random_init",
-           "backend", "build_info"]
+           "l2_step", "l2_step_", "l2_project", "l2_project_", "fgm", "l2_random_init", "backend", "build_info"]
 
 log = logging.getLogger("robust_ext")
 
-_OP_NAMES = ("linf_step", "linf_step_", "linf_project", "linf_project_", "fgsm", "linf_random_init")
+_OP_NAMES = ("linf_step", "linf_step_", "linf_project", "linf_project_", "fgsm", "linf_random_init",
+             "l2_step", "l2_step_", "l2_project", "l2_project_", "fgm", "l2_random_init")
 
 
 def _load_extension():
@@ -172,38 +176,103 @@ def linf_random_init(x, eps, clip_min=0.0, clip_max=1.0, generator=None):
                                  _seed(x, generator), e_t)
 
 
+def l2_step(x_adv, grad, x, alpha, eps, clip_min=0.0, clip_max=1.0):
+    """One PGD-L2 step, fused: per sample ``d = x_adv - x + alpha * g / ||g||_2``, then
+    ``clip(x + d * min(1, eps / ||d||_2))``.
+
+    Clipping after the projection keeps the point in the ball: the ball around ``x`` and the box are both
+    convex and contain ``x`` (when x is in the box), so moving toward the box never leaves the ball.
+    A NaN gradient entry counts as 0; a sample whose gradient is all zero (or NaN) does not move (its
+    ``d = x_adv - x`` is still projected); nothing divides by zero. The norm of ``g`` is scale-free: tiny
+    or huge gradients are scaled by a power of two before squaring, and a gradient with infinite entries
+    moves along those entries only. (torchattacks' PGDL2 divides by ``||g|| + 1e-10`` instead, which
+    shortens the step of a gradient whose norm is not >> 1e-10 and moves a zero gradient by 0 as well.)
+    ``alpha < 0`` descends (targeted attacks). ``eps = 0`` returns ``x``. NaN or inf in ``x_adv`` or ``x``
+    is not supported (NaN propagates into the sample). Returns a new tensor with ``x_adv``'s layout;
+    inputs that are not contiguous are computed on contiguous copies.
+    """
+    a, a_t = _budget(alpha, "alpha", x)
+    e, e_t = _budget(eps, "eps", x)
+    return _impl(x).l2_step(x_adv, grad, x, a, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"),
+                            a_t, e_t)
+
+
+def l2_step_(x_adv, grad, x, alpha, eps, clip_min=0.0, clip_max=1.0):
+    """In-place :func:`l2_step`: updates and returns ``x_adv``."""
+    a, a_t = _budget(alpha, "alpha", x)
+    e, e_t = _budget(eps, "eps", x)
+    _impl(x).l2_step_(x_adv, grad, x, a, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), a_t, e_t)
+    return x_adv
+
+
+def l2_project(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
+    """Projection onto the L2 ball of radius ``eps`` around ``x`` (per sample), then clipping."""
+    e, e_t = _budget(eps, "eps", x)
+    return _impl(x).l2_project(x_adv, x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+
+
+def l2_project_(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
+    """In-place :func:`l2_project`: updates and returns ``x_adv``."""
+    e, e_t = _budget(eps, "eps", x)
+    _impl(x).l2_project_(x_adv, x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+    return x_adv
+
+
+def fgm(x, grad, eps, clip_min=0.0, clip_max=1.0):
+    """FGM, the L2 fast gradient method (Goodfellow et al. 2015; Miyato et al. 2017):
+    ``clip(x + eps * g / ||g||_2)`` per sample, with :func:`l2_step`'s gradient rules."""
+    e, e_t = _budget(eps, "eps", x)
+    return _impl(x).fgm(x, grad, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+
+
+def l2_random_init(x, eps, clip_min=0.0, clip_max=1.0, generator=None):
+    """A uniform random start in the L2 ball of radius ``eps`` around each sample, then clipped.
+
+    Construction (``csrc/l2/l2_math.h``): a direction ``z ~ N(0, I)`` by Box-Muller on the Philox4x32-10
+    words of :func:`linf_random_init`'s element contract (words 0 and 1 of a counter give the cosine and
+    sine deviates of the elements drawing them, words 2 and 3 likewise; 24 random bits per uniform, 32 for
+    float64), a radius ``eps * U^(1/n)`` with ``n`` the sample's element count and ``U`` from word 0 of
+    Philox stream 1 at counter = sample index, then ``clip(x + z * radius / ||z||)``. log, sin/cos and exp
+    are fixed polynomials (IEEE arithmetic and sqrt only), so the values depend on the seed alone: not on
+    thread count, vector width, memory layout or device. The seed is one 64-bit draw from ``generator``
+    (default: the CPU default generator), as for :func:`linf_random_init`.
+    """
+    e, e_t = _budget(eps, "eps", x)
+    return _impl(x).l2_random_init(x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"),
+                                   _seed(x, generator), e_t)
+
+
 def _register_fakes():
     """Meta kernels: shapes, dtypes and strides of the results, for torch.compile and FakeTensor."""
     lib = "robust_ext::"
+    for norm, single, init in (("linf", "fgsm", "linf_random_init"), ("l2", "fgm", "l2_random_init")):
+        @torch.library.register_fake(lib + f"{norm}_step")
+        def _(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
+            reference._check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=False)
+            return torch.empty_like(x_adv)
 
-    @torch.library.register_fake(lib + "linf_step")
-    def _(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
-        reference._check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=False)
-        return torch.empty_like(x_adv)
+        @torch.library.register_fake(lib + f"{norm}_step_")
+        def _(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
+            reference._check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=False)
 
-    @torch.library.register_fake(lib + "linf_step_")
-    def _(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
-        reference._check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=False)
+        @torch.library.register_fake(lib + f"{norm}_project")
+        def _(x_adv, x, eps, clip_min, clip_max, eps_t=None):
+            reference._check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=False)
+            return torch.empty_like(x_adv)
 
-    @torch.library.register_fake(lib + "linf_project")
-    def _(x_adv, x, eps, clip_min, clip_max, eps_t=None):
-        reference._check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=False)
-        return torch.empty_like(x_adv)
+        @torch.library.register_fake(lib + f"{norm}_project_")
+        def _(x_adv, x, eps, clip_min, clip_max, eps_t=None):
+            reference._check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=False)
 
-    @torch.library.register_fake(lib + "linf_project_")
-    def _(x_adv, x, eps, clip_min, clip_max, eps_t=None):
-        reference._check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=False)
+        @torch.library.register_fake(lib + single)
+        def _(x, grad, eps, clip_min, clip_max, eps_t=None):
+            reference._check_fgsm(x, grad, eps, clip_min, clip_max, eps_t, values=False)
+            return torch.empty_like(x)
 
-    @torch.library.register_fake(lib + "fgsm")
-    def _(x, grad, eps, clip_min, clip_max, eps_t=None):
-        reference._check_fgsm(x, grad, eps, clip_min, clip_max, eps_t, values=False)
-        return torch.empty_like(x)
-
-    @torch.library.register_fake(lib + "linf_random_init")
-    def _(x, eps, clip_min, clip_max, seed, eps_t=None):
-        reference._check_random_init(x, eps, clip_min, clip_max, seed, eps_t, values=False)
-        return torch.empty_like(x)
-
+        @torch.library.register_fake(lib + init)
+        def _(x, eps, clip_min, clip_max, seed, eps_t=None):
+            reference._check_random_init(x, eps, clip_min, clip_max, seed, eps_t, values=False)
+            return torch.empty_like(x)
 
 if _EXT is not None:
     _register_fakes()

@@ -9,6 +9,7 @@ kernels'. Half types (fp16, bf16) are computed in fp32 and rounded once.
 from __future__ import annotations
 
 import math
+import struct
 
 import torch
 
@@ -228,12 +229,13 @@ def _mulhilo(m: int, c: torch.Tensor):
     return hi, lo
 
 
-def philox4x32_10(counter: torch.Tensor, seed) -> torch.Tensor:
-    """Philox4x32-10 of 64-bit counters (int64 tensor, upper words 0) under a 64-bit key (a Python int, or
-    a 0-d int64 tensor read as its two's-complement bits: no host sync): [..., 4] words."""
+def philox4x32_10(counter: torch.Tensor, seed, stream: int = 0) -> torch.Tensor:
+    """Philox4x32-10 of 64-bit counters (int64 tensor; third counter word ``stream``, fourth 0) under a
+    64-bit key (a Python int, or a 0-d int64 tensor read as its two's-complement bits: no host sync):
+    [..., 4] words."""
     k0, k1 = seed & _MASK32, (seed >> 32) & _MASK32
     c0, c1 = counter & _MASK32, (counter >> 32) & _MASK32
-    c2 = torch.zeros_like(counter)
+    c2 = torch.full_like(counter, stream)
     c3 = torch.zeros_like(counter)
     for _ in range(10):
         hi0, lo0 = _mulhilo(_M0, c0)
@@ -291,3 +293,268 @@ def batch_norm_relu(x, running_mean, running_var, weight=None, bias=None, eps=1e
     # value that rounds to 0 takes no gradient; a value <= 0 gives +0; NaN passes value and gradient.
     y = (x.to(ct) * scale.view(shape) + shift.view(shape)).to(x.dtype)
     return torch.where(y <= 0, 0, y)
+
+
+# ---- the L2 math (csrc/l2/l2_math.h) ----------------------------------------------------------------
+#
+# The same operations in the same order, sums of squares included (l2_math.h's lanes and trees), as the
+# kernels. Only sqrt differs in how it is reached: ATen's vectorized CPU sqrt is not always correctly
+# rounded, so float32 takes it in float64 and rounds (correctly rounded: a float32's square root is never
+# within 2^-49 of a float32 rounding boundary); float64 uses torch.sqrt, which can be 1 ulp off the
+# kernels' correctly rounded sqrt. So fp32/fp16/bf16 results are bit-identical to the kernels, fp64 ones
+# agree to a few ulps (tests/test_l2_ops.py states the bound).
+
+_SUM_LANES, _SUM_DEPTH = 16, 64
+_SUM_CHUNK = _SUM_LANES * _SUM_DEPTH
+_LN2, _PI_HALF = 0.69314718055994530942, 1.57079632679489661923
+
+
+class _Fmt:
+    """Per compute dtype: the limits, bit layout and polynomial lengths of l2_math.h's L2Limits and Bits."""
+
+    def __init__(self, dtype, low, high, min_exp, max_exp, uniform, mant, bias, one, sqrt2, itype, terms,
+                 ln2_hi, ln2_lo):
+        self.dtype, self.low, self.high, self.min_exp, self.max_exp = dtype, low, high, min_exp, max_exp
+        self.uniform, self.mant, self.bias, self.one, self.sqrt2, self.itype = uniform, mant, bias, one, sqrt2, itype
+        self.log_terms, self.trig_terms, self.exp_terms = terms
+        self.ln2_hi, self.ln2_lo = ln2_hi, ln2_lo
+
+    def c(self, v: float) -> float:
+        """A constant rounded to the compute dtype (as static_cast<T>(double) in the kernels)."""
+        return struct.unpack("f", struct.pack("f", v))[0] if self.dtype == torch.float32 else v
+
+
+_FMT = {
+    torch.float32: _Fmt(torch.float32, 2.0**-60, 2.0**60, -126, 127, 24, 23, 127, 0x3F800000, 0x3FB504F3,
+                        torch.int32, (7, 6, 9), 0.693145751953125, 1.428606765330187e-06),
+    torch.float64: _Fmt(torch.float64, 2.0**-500, 2.0**500, -1022, 1023, 32, 52, 1023, 0x3FF0000000000000,
+                        0x3FF6A09E667F3BCD, torch.int64, (12, 10, 14), 6.93147180369123816490e-01,
+                        1.90821492927058770002e-10),
+}
+
+
+def _sqrt(v: torch.Tensor) -> torch.Tensor:
+    return torch.sqrt(v.double()).float() if v.dtype == torch.float32 else torch.sqrt(v)
+
+
+def _pow2(k: torch.Tensor, fmt: _Fmt) -> torch.Tensor:
+    """2**k exactly, for integer k in the normal range, from the exponent bits."""
+    return ((k.to(fmt.itype) + fmt.bias) << fmt.mant).view(fmt.dtype)
+
+
+def sum_squares(v: torch.Tensor) -> torch.Tensor:
+    """Per-row sum of ``v**2`` for ``v`` of shape (N, n), in l2_math.h's order: chunks of 1024 elements,
+    element k of a chunk in lane k % 16, 64 terms per lane in order, then a lane tree and a chunk tree."""
+    N, n = v.shape
+    P = -(-n // _SUM_CHUNK)
+    if P == 0:
+        return v.new_zeros(N)
+    sq = torch.nn.functional.pad(v * v, (0, P * _SUM_CHUNK - n)).reshape(N, P, _SUM_DEPTH, _SUM_LANES)
+    acc = sq[:, :, 0, :]
+    for m in range(1, _SUM_DEPTH):
+        acc = acc + sq[:, :, m, :]
+    h = _SUM_LANES // 2
+    while h >= 1:
+        acc = acc[..., :h] + acc[..., h:2 * h]
+        h //= 2
+    p = acc[..., 0]
+    s = 1
+    while s < P:
+        p = p.clone()
+        p[:, 0:P - s:2 * s] = p[:, 0:P - s:2 * s] + p[:, s:P:2 * s]
+        s *= 2
+    return p[:, 0]
+
+
+def _nan_to_zero(g):
+    return torch.where(g == g, g, 0.0)
+
+
+def _direction(g, s):
+    return torch.where(g == math.inf, 1.0, torch.where(g == -math.inf, -1.0, _nan_to_zero(g) * s))
+
+
+def _coef(num, sumsq):
+    return torch.where(sumsq > 0, num / _sqrt(sumsq), 0.0)
+
+
+def _factor(eps, sumsq):
+    return torch.where(eps == 0, 0.0, torch.where(sumsq <= eps * eps, 1.0, eps / _sqrt(sumsq)))
+
+
+def _rescale(max_abs, fmt):
+    e = torch.frexp(max_abs)[1]
+    pow2 = _pow2((-e).clamp(fmt.min_exp, fmt.max_exp), fmt)
+    return torch.where(max_abs > 0, torch.where(max_abs == math.inf, 0.0, pow2), 1.0)
+
+
+def _rows(t, ct):
+    """t as (samples, elements per sample) in the compute dtype, logical order (a 0-d t is one sample)."""
+    return t.to(ct).reshape(1, 1) if t.dim() == 0 else t.to(ct).reshape(t.shape[0], -1)
+
+
+def _row_budget(value, per_sample, rows):
+    """A budget as an (N, 1) column of the rows' dtype."""
+    if per_sample is None:
+        return torch.full((rows.shape[0], 1), value, dtype=rows.dtype, device=rows.device)
+    return per_sample.to(rows.dtype).reshape(-1, 1)
+
+
+def _grad_coef(g, num):
+    """(num / ||dir(g)||, scale of dir) per row, both (N, 1): the first pass, then the rescaled one where
+    the first pass's sum of squares is out of range (for the other rows the second pass is the first)."""
+    fmt = _FMT[g.dtype]
+    raw = _nan_to_zero(g)
+    s0 = sum_squares(raw)
+    need = ~((s0 >= fmt.low) & (s0 <= fmt.high))
+    scale = torch.where(need, _rescale(raw.abs().amax(1), fmt), 1.0)[:, None]
+    return _coef(num, sum_squares(_direction(g, scale))[:, None]), scale
+
+
+def _l2_out(x, d, f, clip_min, clip_max):
+    return torch.clamp(x + d * f, clip_min, clip_max)
+
+
+def _l2_op(out, x, rows_fn):
+    """Writes rows_fn() (an (N, n) result in the compute dtype) into ``out`` shaped as ``x``."""
+    if out.numel():
+        out.copy_(rows_fn().reshape(x.shape))
+    return out
+
+
+def _l2_step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t):
+    ct = compute_dtype(x.dtype)
+    xa, g, xx = _rows(x_adv, ct), _rows(grad, ct), _rows(x, ct)
+    c, scale = _grad_coef(g, _row_budget(alpha, alpha_t, xx))
+    d = (xa - xx) + c * _direction(g, scale)
+    f = _factor(_row_budget(eps, eps_t, xx), sum_squares(d)[:, None])
+    return _l2_out(xx, d, f, clip_min, clip_max)
+
+
+def l2_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
+    _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t)
+    return _l2_op(torch.empty_like(x_adv), x, lambda: _l2_step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max,
+                                                                     alpha_t, eps_t))
+
+
+def l2_step_(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
+    _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t)
+    _check_writable(x_adv, grad, x)
+    _l2_op(x_adv, x, lambda: _l2_step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t))
+
+
+def _l2_project_math(x_adv, x, eps, clip_min, clip_max, eps_t):
+    ct = compute_dtype(x.dtype)
+    xa, xx = _rows(x_adv, ct), _rows(x, ct)
+    d = xa - xx
+    return _l2_out(xx, d, _factor(_row_budget(eps, eps_t, xx), sum_squares(d)[:, None]), clip_min, clip_max)
+
+
+def l2_project(x_adv, x, eps, clip_min, clip_max, eps_t=None):
+    _check_project(x_adv, x, eps, clip_min, clip_max, eps_t)
+    return _l2_op(torch.empty_like(x_adv), x, lambda: _l2_project_math(x_adv, x, eps, clip_min, clip_max, eps_t))
+
+
+def l2_project_(x_adv, x, eps, clip_min, clip_max, eps_t=None):
+    _check_project(x_adv, x, eps, clip_min, clip_max, eps_t)
+    _check_writable(x_adv, x)
+    _l2_op(x_adv, x, lambda: _l2_project_math(x_adv, x, eps, clip_min, clip_max, eps_t))
+
+
+def fgm(x, grad, eps, clip_min, clip_max, eps_t=None):
+    """FGM: ``clip(x + eps * g / ||g||)``, computed as the kernels do: a step from x_adv = x, no projection."""
+    _check_fgsm(x, grad, eps, clip_min, clip_max, eps_t)
+
+    def rows():
+        ct = compute_dtype(x.dtype)
+        xx, g = _rows(x, ct), _rows(grad, ct)
+        c, scale = _grad_coef(g, _row_budget(eps, eps_t, xx))
+        return _l2_out(xx, (xx - xx) + c * _direction(g, scale), 1.0, clip_min, clip_max)
+
+    return _l2_op(torch.empty_like(x), x, rows)
+
+
+def _log_unit(w, fmt):
+    """log(u), u = (k + 1) 2^-B, k the word's top B bits (l2_math.h log_unit)."""
+    m = ((w >> (32 - fmt.uniform)) + 1).to(fmt.dtype)
+    bits = m.view(fmt.itype).to(torch.int64)
+    e = (bits >> fmt.mant) - fmt.bias
+    ybits = (bits & ((1 << fmt.mant) - 1)) | fmt.one
+    big = ybits > fmt.sqrt2
+    ybits = torch.where(big, ybits - (1 << fmt.mant), ybits)
+    e = torch.where(big, e + 1, e)
+    y = ybits.to(fmt.itype).view(fmt.dtype)
+    t = (y - 1.0) / (y + 1.0)
+    t2 = t * t
+    p = fmt.c(1.0 / (2 * fmt.log_terms - 1))
+    for k in range(fmt.log_terms - 2, -1, -1):
+        p = p * t2 + fmt.c(1.0 / (2 * k + 1))
+    return (e - fmt.uniform).to(fmt.dtype) * fmt.c(_LN2) + (t + t) * p
+
+
+def _sincos_turn(w, fmt):
+    """(cos, sin) of 2 pi u, u = k 2^-B (l2_math.h sincos_turn)."""
+    b = fmt.uniform
+    k = ((w >> (32 - b)) + (1 << (b - 3))) & ((1 << b) - 1)
+    q = k >> (b - 2)
+    phi = ((k & ((1 << (b - 2)) - 1)) - (1 << (b - 3))).to(fmt.dtype) * fmt.c(_PI_HALF / 2 ** (b - 2))
+    p2 = phi * phi
+    n = fmt.trig_terms
+    sign = lambda j: -1.0 if j % 2 else 1.0  # noqa: E731
+    ps = fmt.c(sign(n - 1) / float(math.factorial(2 * n - 1)))
+    pc = fmt.c(sign(n - 1) / float(math.factorial(2 * n - 2)))
+    for j in range(n - 2, -1, -1):
+        ps = ps * p2 + fmt.c(sign(j) / float(math.factorial(2 * j + 1)))
+        pc = pc * p2 + fmt.c(sign(j) / float(math.factorial(2 * j)))
+    sn, cs = phi * ps, pc
+    c = torch.where(q == 0, cs, torch.where(q == 1, -sn, torch.where(q == 2, -cs, sn)))
+    s = torch.where(q == 0, sn, torch.where(q == 1, cs, torch.where(q == 2, -sn, -cs)))
+    return c, s
+
+
+def _box_muller(w_radius, w_angle, fmt):
+    rad = _sqrt(-2.0 * _log_unit(w_radius, fmt))
+    c, s = _sincos_turn(w_angle, fmt)
+    return rad * c, rad * s
+
+
+def gaussians(n: int, seed, device, dtype: torch.dtype) -> torch.Tensor:
+    """The normal deviates of elements 0..n-1 (l2_math.h gaussian_at): Box-Muller on words (0, 1) and (2, 3)
+    of each counter, the cosine to the even word's element, the sine to the odd one's."""
+    fmt = _FMT[dtype]
+    blocks = (n + 63) // 64
+    w = philox4x32_10(torch.arange(blocks * 16, dtype=torch.int64, device=device), seed).reshape(blocks, 16, 4)
+    z0, z1 = _box_muller(w[..., 0], w[..., 1], fmt)
+    z2, z3 = _box_muller(w[..., 2], w[..., 3], fmt)
+    return torch.stack((z0, z1, z2, z3), dim=-1).permute(0, 2, 1).reshape(-1)[:n]
+
+
+def _exp_neg(y, fmt):
+    kf = torch.floor(y * fmt.c(1.0 / _LN2) + 0.5)
+    r = (y - kf * fmt.c(fmt.ln2_hi)) - kf * fmt.c(fmt.ln2_lo)
+    p = fmt.c(1.0 / float(math.factorial(fmt.exp_terms - 1)))
+    for j in range(fmt.exp_terms - 2, -1, -1):
+        p = p * r + fmt.c(1.0 / float(math.factorial(j)))
+    return p * _pow2(kf, fmt)
+
+
+def l2_radius(count: int, n: int, seed, eps: torch.Tensor) -> torch.Tensor:
+    """eps * U^(1/n) per sample, U in (0, 1] from word 0 of Philox stream 1 at counter = sample index."""
+    fmt = _FMT[eps.dtype]
+    w = philox4x32_10(torch.arange(count, dtype=torch.int64, device=eps.device), seed, stream=1)[:, 0]
+    return eps * _exp_neg(_log_unit(w, fmt) / n, fmt)
+
+
+def l2_random_init(x, eps, clip_min, clip_max, seed, eps_t=None):
+    """Uniform in the L2 ball: ``clip(x + z * r / ||z||)``, z ~ N(0, I) (:func:`gaussians`), r = eps U^(1/n)."""
+    _check_random_init(x, eps, clip_min, clip_max, seed, eps_t)
+
+    def rows():
+        ct = compute_dtype(x.dtype)
+        xx = _rows(x, ct)
+        N, n = xx.shape
+        z = gaussians(N * n, seed, x.device, ct).reshape(N, n)
+        r = l2_radius(N, n, seed, _row_budget(eps, eps_t, xx)[:, 0])
+        return _l2_out(xx, z, _coef(r, sum_squares(z))[:, None], clip_min, clip_max)
+
+    return _l2_op(torch.empty_like(x), x, rows)

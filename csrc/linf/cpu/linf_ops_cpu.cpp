@@ -93,8 +93,8 @@ struct CpuKernels {
     });
   }
 
-  static void fgsm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& g, const Budget& eps,
-                   double lo, double hi, const Dense& d) {
+  static void single_step(const at::Tensor& out, const at::Tensor& x, const at::Tensor& g, const Budget& eps,
+                          double lo, double hi, const Dense& d) {
     RX_DISPATCH_FLOATS(out.scalar_type(), "fgsm", [&] {
       using T = compute_t<scalar_t>;
       const cpu::BudgetReader<T> e(eps);

@@ -72,8 +72,8 @@ struct CudaKernels {
     });
   }
 
-  static void fgsm(const at::Tensor& out, const at::Tensor& x, const at::Tensor& g, const Budget& eps,
-                   double lo, double hi, const Dense& d) {
+  static void single_step(const at::Tensor& out, const at::Tensor& x, const at::Tensor& g, const Budget& eps,
+                          double lo, double hi, const Dense& d) {
     RX_DISPATCH_FLOATS(out.scalar_type(), "fgsm", [&] {
       using T = compute_t<scalar_t>;
       const auto e = device_budget<T>(eps);

@@ -1,0 +1,340 @@
+// The L2 ops' CPU kernels: per sample, one or two sums of squares in l2/l2_math.h's fixed order, then
+// the write. Loops compiled per ISA (GCC target_clones) and vectorized: the 16 summation lanes are one
+// AVX-512 or two AVX2 registers, with no reassociation.
+//
+// Threads: with enough samples each thread takes whole samples and runs a sample's passes back to back,
+// so the second and third passes read what the first left in cache (from memory that is one sweep:
+// the step reads grad, then x_adv and x, and writes). With few samples every pass is split over the
+// chunks of all samples, the per-chunk partial sums kept in a buffer. Either way each chunk's partial
+// sum is the same, so the result does not depend on the thread count.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
+#include <ATen/core/Tensor.h>
+#include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
+#include <torch/library.h>
+
+#include "cpu/clones.h"
+#include "cpu/philox_blocks.h"
+#include "cpu/rows.h"
+#include "l2/l2_math.h"
+#include "l2/l2_ops.h"
+
+namespace robust_ext {
+namespace {
+
+using math::kSumChunk;
+using math::kSumLanes;
+
+// The sum of term(i)^2 over one chunk's `len` elements, in the lanes of l2_math.h.
+template <typename T, typename F>
+C10_ALWAYS_INLINE T chunk_sum(int64_t len, F term) {
+  T acc[kSumLanes] = {};
+  int64_t i = 0;
+  for (; i + kSumLanes <= len; i += kSumLanes)
+    for (int j = 0; j < kSumLanes; ++j) {
+      const T v = term(i + j);
+      acc[j] = acc[j] + v * v;
+    }
+  for (int j = 0; i + j < len; ++j) {
+    const T v = term(i + j);
+    acc[j] = acc[j] + v * v;
+  }
+  return math::lane_tree(acc);
+}
+
+// part[c] for chunks [c0, c1) of a sample of n elements: term(i) is element i's value.
+template <typename T, typename F>
+C10_ALWAYS_INLINE void chunk_sums(int64_t n, int64_t c0, int64_t c1, T* part, F term) {
+  for (int64_t c = c0; c < c1; ++c) {
+    const int64_t b = c * kSumChunk;
+    part[c] = chunk_sum<T>(std::min(kSumChunk, n - b), [&](int64_t i) { return term(b + i); });
+  }
+}
+
+// The gradient's sums: kRaw, nan_to_zero(g) (the first pass); else l2_direction(g, s).
+template <typename S, bool kRaw>
+RX_CLONES void grad_sums(const S* __restrict g, int64_t n, int64_t c0, int64_t c1, compute_t<S> s,
+                         compute_t<S>* __restrict part) {
+  using T = compute_t<S>;
+  chunk_sums<T>(n, c0, c1, part, [&](int64_t i) {
+    const T v = static_cast<T>(g[i]);
+    return kRaw ? math::nan_to_zero(v) : math::l2_direction(v, s);
+  });
+}
+
+template <typename S>
+RX_CLONES compute_t<S> grad_max_abs(const S* __restrict g, int64_t n) {
+  using T = compute_t<S>;
+  T m = 0;
+  for (int64_t i = 0; i < n; ++i) {
+    const T v = std::abs(math::nan_to_zero(static_cast<T>(g[i])));
+    m = v > m ? v : m;
+  }
+  return m;
+}
+
+// d's sums; without a gradient (kGrad false: projection) d = x_adv - x.
+template <typename S, bool kGrad>
+RX_CLONES void delta_sums(const S* __restrict xa, const S* __restrict g, const S* __restrict x, int64_t n,
+                          int64_t c0, int64_t c1, compute_t<S> c, compute_t<S> s, compute_t<S>* __restrict part) {
+  using T = compute_t<S>;
+  chunk_sums<T>(n, c0, c1, part, [&](int64_t i) {
+    const T a = static_cast<T>(xa[i]), b = static_cast<T>(x[i]);
+    return kGrad ? math::l2_delta(a, static_cast<T>(g[i]), b, c, s) : a - b;
+  });
+}
+
+template <typename S, bool kGrad>
+RX_CLONES void delta_write(S* __restrict out, const S* xa, const S* __restrict g, const S* __restrict x, int64_t n,
+                           compute_t<S> c, compute_t<S> s, compute_t<S> f, compute_t<S> lo, compute_t<S> hi) {
+  using T = compute_t<S>;
+  cpu::update_row(out, xa, n, [&](S v, int64_t i) {
+    const T a = static_cast<T>(v), b = static_cast<T>(x[i]);
+    const T d = kGrad ? math::l2_delta(a, static_cast<T>(g[i]), b, c, s) : a - b;
+    return static_cast<S>(math::l2_out(b, d, f, lo, hi));
+  });
+}
+
+// The normal deviates of logical elements [begin, end) into z, 128 at a time from aligned Philox blocks.
+template <typename T>
+RX_CLONES void gaussians(int64_t begin, int64_t end, uint32_t k0, uint32_t k1, T* __restrict z) {
+  constexpr int64_t kStep = cpu::kPhiloxBlocks * math::kBlock;
+  for (int64_t i = begin; i < end;) {
+    const int64_t run = i / math::kBlock * math::kBlock;
+    const int64_t stop = std::min(end, run + kStep);
+    cpu::PhiloxWords w;
+    cpu::philox_blocks(static_cast<uint64_t>(run / math::kBlock) * math::kLanes, k0, k1, w);
+    T buf[kStep];  // element run + 64 b + 16 k + l, as w
+    for (int b = 0; b < cpu::kPhiloxBlocks; ++b)
+      for (int p = 0; p < 4; p += 2)
+        for (int l = 0; l < math::kLanes; ++l)
+          math::box_muller<T>(w[b][p][l], w[b][p + 1][l], buf[b * math::kBlock + p * math::kLanes + l],
+                              buf[b * math::kBlock + (p + 1) * math::kLanes + l]);
+    for (int64_t j = i; j < stop; ++j) z[j - begin] = buf[j - run];
+    i = stop;
+  }
+}
+
+// The chunk's deviates: elements [b, e) of the sample starting at logical index `first`.
+template <typename T>
+struct ChunkGaussians {
+  T z[kSumChunk];
+  void fill(int64_t first, int64_t b, int64_t e, uint32_t k0, uint32_t k1) { gaussians<T>(first + b, first + e, k0, k1, z); }
+};
+
+template <typename S>
+RX_CLONES void init_write(S* __restrict out, const S* __restrict x, const compute_t<S>* __restrict z, int64_t n,
+                          compute_t<S> k, compute_t<S> lo, compute_t<S> hi) {
+  using T = compute_t<S>;
+  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<S>(math::l2_out(static_cast<T>(x[i]), z[i], k, lo, hi));
+}
+
+// The gradient's coefficient num / ||dir(g)|| of one sample (n elements at g), its scale s into `scale`:
+// the partials of the first pass are in part[0, P); the rare rescaled pass runs here.
+template <typename S>
+compute_t<S> grad_coef(const S* g, int64_t n, compute_t<S>* part, compute_t<S> num, compute_t<S>& scale) {
+  using T = compute_t<S>;
+  const int64_t P = math::sum_chunks(n);
+  T sumsq = math::chunk_tree(part, P);
+  scale = T(1);
+  if (math::l2_needs_rescale(sumsq)) {
+    scale = math::l2_rescale(grad_max_abs<S>(g, n));
+    grad_sums<S, false>(g, n, 0, P, scale, part);
+    sumsq = math::chunk_tree(part, P);
+  }
+  return math::l2_coef(num, sumsq);
+}
+
+// Runs a row job: kPasses sums of squares (job.sums(pass, sample, c0, c1, part) fills part[c0, c1) of
+// the sample's partials, job.finish(pass, sample, part) reads them), then job.write(sample, begin, end).
+template <class Job>
+void run_rows(Job& job, const Rows& rows) {
+  using T = typename Job::T;
+  const int64_t N = rows.count, n = rows.numel, P = math::sum_chunks(n);
+  std::vector<T> part(static_cast<size_t>(N * P));
+  if (N >= 2 * at::get_num_threads() || N * n <= cpu::kGrain) {
+    at::parallel_for(0, N, std::max<int64_t>(1, cpu::kGrain / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e; ++s) {
+        T* ps = part.data() + s * P;
+        for (int p = 0; p < Job::kPasses; ++p) {
+          job.sums(p, s, 0, P, ps);
+          job.finish(p, s, ps);
+        }
+        job.write(s, 0, n);
+      }
+    });
+    return;
+  }
+  // Chunks of every sample, split over threads: f(sample, c0, c1).
+  const auto for_chunks = [&](auto&& f) {
+    at::parallel_for(0, N * P, std::max<int64_t>(1, cpu::kGrain / kSumChunk), [&](int64_t b, int64_t e) {
+      for (int64_t i = b; i < e;) {
+        const int64_t s = i / P, c0 = i % P, c1 = std::min(P, c0 + (e - i));
+        f(s, c0, c1);
+        i += c1 - c0;
+      }
+    });
+  };
+  for (int p = 0; p < Job::kPasses; ++p) {
+    for_chunks([&](int64_t s, int64_t c0, int64_t c1) { job.sums(p, s, c0, c1, part.data() + s * P); });
+    at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
+      for (int64_t s = b; s < e; ++s) job.finish(p, s, part.data() + s * P);
+    });
+  }
+  for_chunks([&](int64_t s, int64_t c0, int64_t c1) { job.write(s, c0 * kSumChunk, std::min(n, c1 * kSumChunk)); });
+}
+
+// Per-sample state shared by the jobs: the gradient's scale and coefficient, the projection factor.
+template <typename S>
+struct RowState {
+  using T = compute_t<S>;
+  std::vector<T> scale, coef, factor;
+  explicit RowState(int64_t N) : scale(N, T(1)), coef(N, T(0)), factor(N, T(1)) {}
+};
+
+// step (kGrad) and project: [gradient sums,] d's sums, write.
+template <typename S, bool kGrad>
+struct DeltaJob : RowState<S> {
+  using T = compute_t<S>;
+  static constexpr int kPasses = kGrad ? 2 : 1;
+  S* out;
+  const S *xa, *g, *x;
+  int64_t n;
+  cpu::BudgetReader<T> alpha, eps;
+  T lo, hi;
+  DeltaJob(const Rows& r, S* out, const S* xa, const S* g, const S* x, const Budget& alpha, const Budget& eps,
+           double lo, double hi)
+      : RowState<S>(r.count), out(out), xa(xa), g(g), x(x), n(r.numel), alpha(alpha), eps(eps), lo(lo), hi(hi) {}
+
+  void sums(int p, int64_t s, int64_t c0, int64_t c1, T* part) const {
+    const int64_t o = s * n;
+    if (kGrad && p == 0) {
+      grad_sums<S, true>(g + o, n, c0, c1, T(1), part);
+    } else {
+      delta_sums<S, kGrad>(xa + o, kGrad ? g + o : nullptr, x + o, n, c0, c1, this->coef[s], this->scale[s], part);
+    }
+  }
+  void finish(int p, int64_t s, T* part) {
+    if (kGrad && p == 0) {
+      this->coef[s] = grad_coef<S>(g + s * n, n, part, alpha[s], this->scale[s]);
+    } else {
+      this->factor[s] = math::l2_factor(eps[s], math::chunk_tree(part, math::sum_chunks(n)));
+    }
+  }
+  void write(int64_t s, int64_t b, int64_t e) const {
+    const int64_t o = s * n + b;
+    delta_write<S, kGrad>(out + o, xa + o, kGrad ? g + o : nullptr, x + o, e - b, this->coef[s], this->scale[s],
+                          this->factor[s], lo, hi);
+  }
+};
+
+// FGM: gradient sums, then x + eps * dir(g) / ||dir(g)|| as a step from x_adv = x with no projection.
+template <typename S>
+struct FgmJob : RowState<S> {
+  using T = compute_t<S>;
+  static constexpr int kPasses = 1;
+  S* out;
+  const S *x, *g;
+  int64_t n;
+  cpu::BudgetReader<T> eps;
+  T lo, hi;
+  FgmJob(const Rows& r, S* out, const S* x, const S* g, const Budget& eps, double lo, double hi)
+      : RowState<S>(r.count), out(out), x(x), g(g), n(r.numel), eps(eps), lo(lo), hi(hi) {}
+
+  void sums(int, int64_t s, int64_t c0, int64_t c1, T* part) const { grad_sums<S, true>(g + s * n, n, c0, c1, T(1), part); }
+  void finish(int, int64_t s, T* part) { this->coef[s] = grad_coef<S>(g + s * n, n, part, eps[s], this->scale[s]); }
+  void write(int64_t s, int64_t b, int64_t e) const {
+    const int64_t o = s * n + b;
+    delta_write<S, true>(out + o, x + o, g + o, x + o, e - b, this->coef[s], this->scale[s], T(1), lo, hi);
+  }
+};
+
+template <typename S>
+struct InitJob : RowState<S> {
+  using T = compute_t<S>;
+  static constexpr int kPasses = 1;
+  S* out;
+  const S* x;
+  int64_t n;
+  cpu::BudgetReader<T> eps;
+  T lo, hi;
+  uint32_t k0, k1;
+  InitJob(const Rows& r, S* out, const S* x, const Budget& eps, double lo, double hi, uint64_t key)
+      : RowState<S>(r.count), out(out), x(x), n(r.numel), eps(eps), lo(lo), hi(hi),
+        k0(static_cast<uint32_t>(key)), k1(static_cast<uint32_t>(key >> 32)) {}
+
+  void sums(int, int64_t s, int64_t c0, int64_t c1, T* part) const {
+    ChunkGaussians<T> z;
+    for (int64_t c = c0; c < c1; ++c) {
+      const int64_t b = c * kSumChunk, e = std::min(n, b + kSumChunk);
+      z.fill(s * n, b, e, k0, k1);
+      part[c] = chunk_sum<T>(e - b, [&](int64_t i) { return z.z[i]; });
+    }
+  }
+  void finish(int, int64_t s, T* part) {
+    this->coef[s] = math::l2_coef(math::l2_radius<T>(s, n, k0, k1, eps[s]), math::chunk_tree(part, math::sum_chunks(n)));
+  }
+  void write(int64_t s, int64_t b, int64_t e) const {
+    ChunkGaussians<T> z;
+    for (int64_t i = b; i < e; i += kSumChunk) {
+      const int64_t stop = std::min(e, i + kSumChunk);
+      z.fill(s * n, i, stop, k0, k1);
+      init_write<S>(out + s * n + i, x + s * n + i, z.z, stop - i, this->coef[s], lo, hi);
+    }
+  }
+};
+
+template <typename S>
+S* ptr(const at::Tensor& t) {
+  return t.data_ptr<S>();
+}
+
+struct CpuKernels {
+  static void step(const at::Tensor& out, const at::Tensor& xa, const at::Tensor& g, const at::Tensor& x,
+                   const Budget& alpha, const Budget& eps, double lo, double hi, const Rows& r) {
+    RX_DISPATCH_FLOATS(out.scalar_type(), "l2_step", [&] {
+      DeltaJob<scalar_t, true> job(r, ptr<scalar_t>(out), ptr<scalar_t>(xa), ptr<scalar_t>(g), ptr<scalar_t>(x),
+                                   alpha, eps, lo, hi);
+      run_rows(job, r);
+    });
+  }
+
+  static void project(const at::Tensor& out, const at::Tensor& xa, const at::Tensor& x, const Budget& eps,
+                      double lo, double hi, const Rows& r) {
+    RX_DISPATCH_FLOATS(out.scalar_type(), "l2_project", [&] {
+      DeltaJob<scalar_t, false> job(r, ptr<scalar_t>(out), ptr<scalar_t>(xa), nullptr, ptr<scalar_t>(x), Budget{},
+                                    eps, lo, hi);
+      run_rows(job, r);
+    });
+  }
+
+  static void single_step(const at::Tensor& out, const at::Tensor& x, const at::Tensor& g, const Budget& eps,
+                          double lo, double hi, const Rows& r) {
+    RX_DISPATCH_FLOATS(out.scalar_type(), "fgm", [&] {
+      FgmJob<scalar_t> job(r, ptr<scalar_t>(out), ptr<scalar_t>(x), ptr<scalar_t>(g), eps, lo, hi);
+      run_rows(job, r);
+    });
+  }
+
+  static void random_init(const at::Tensor& out, const at::Tensor& x, const Budget& eps, double lo, double hi,
+                          const at::Tensor& seed, const Rows& r) {
+    const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
+    RX_DISPATCH_FLOATS(out.scalar_type(), "l2_random_init", [&] {
+      InitJob<scalar_t> job(r, ptr<scalar_t>(out), ptr<scalar_t>(x), eps, lo, hi, key);
+      run_rows(job, r);
+    });
+  }
+};
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(robust_ext, CPU, m) {
+  register_l2_ops<CpuKernels>(m);
+}
+
+}  // namespace robust_ext
