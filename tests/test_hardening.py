@@ -361,3 +361,21 @@ def test_train_sizes_the_classifier_for_the_labels_of_both_splits(tmp_path, caps
                        "--epochs", "1", "--batch-size", "8", "--out", str(tmp_path / "run"))
     assert code == 0, err
     assert torch.load(tmp_path / "run" / "last.pt", weights_only=True)["config"]["num_classes"] == 13
+
+
+def test_hostile_files_are_one_line_errors_from_the_cli(tmp_path, capsys):
+    from robust_ext.models import PreActResNet, SmallCNN, save_checkpoint
+
+    bomb = deflated(save_checkpoint(tmp_path / "plain.pt", SmallCNN(), padding=torch.zeros(64 << 20, dtype=torch.uint8)),
+                    tmp_path / "bomb.pt")
+    deep = tampered(tmp_path, PreActResNet(width=4), blocks=[20000, 1])
+    for model, fragment in ((bomb, "declare"), (deep, "does not match")):
+        code, _, err = run(capsys, "attack", "--model", str(model), "-n", "2", "--out", str(tmp_path / "out"))
+        one_line_error(code, err, f"--model {model}", fragment)
+    data = tmp_path / "idx"
+    random_idx_dir(data, 4, (28, 28))
+    gzip_idx(data / "t10k-images-idx3-ubyte.gz", (10, 1000, 1000), 64 << 20)
+    (data / "t10k-images-idx3-ubyte").unlink()
+    code, _, err = run(capsys, "attack", "--model", str(tmp_path / "plain.pt"), "--data", "mnist-idx", "--data-dir",
+                       str(data), "--out", str(tmp_path / "out"))
+    one_line_error(code, err, "--data mnist-idx", "t10k-images-idx3-ubyte.gz", "data beyond")
