@@ -50,7 +50,11 @@ def _check_parameter_count(name: str, count: int, config: Dict[str, Any]) -> Non
 
 
 def register_model(name: str):
-    """Decorator registering a class or factory under ``name`` for :func:`build_model` and checkpoints."""
+    """Decorator registering a class or factory under ``name`` for :func:`build_model` and checkpoints.
+
+    :func:`load_model` first builds the model under ``torch.device("meta")`` to check a checkpoint's config
+    against its weights, so a factory must build there too (create tensors, do not read their values).
+    """
     def register(factory: Callable[..., nn.Module]) -> Callable[..., nn.Module]:
         if name in _REGISTRY:
             raise ValueError(f"model name {name!r} is already registered")
