@@ -160,7 +160,7 @@ def cmd_train(args) -> int:
         raise UsageError(f"--arch {args.arch} cannot take the {channels}x{height}x{width} images of --data "
                          f"{args.data}: {e}") from None
     try:
-        result = train(model, train_set, test_set, method=args.method, norm=args.norm, epochs=args.epochs, eps=args.eps,
+        result = train(model, train_set, test_set, method=args.method, norm=args.norm, fuse=args.fuse, epochs=args.epochs, eps=args.eps,
                        lr=args.lr, batch_size=args.batch_size, amp=args.amp, seed=args.seed, out_dir=args.out,
                        progress=_progress(args), resume=args.resume)
     except (ValueError, TypeError) as e:
@@ -186,6 +186,10 @@ def cmd_attack(args) -> int:
     out = check_out_dir(args.out)
     ds = _load_data(args.data, args.data_dir, args.split, args.n)
     model = _load_model(args.model, ds[0])
+    if args.fuse:
+        from .fuse import fuse
+
+        model = fuse(model)
     x, y = ds.tensors
     gen = torch.Generator().manual_seed(args.seed)
     entry = get_attack(args.attack)
@@ -238,7 +242,7 @@ def cmd_evaluate(args) -> int:
                          else make_attack(name.strip()))
         except ValueError as e:
             raise UsageError(f"--attacks: {e}") from None
-    report = evaluate(model, ds, specs, eps=args.eps, norm=args.norm, min_eps=not args.no_min_eps, seed=args.seed,
+    report = evaluate(model, ds, specs, eps=args.eps, norm=args.norm, fuse=args.fuse, min_eps=not args.no_min_eps, seed=args.seed,
                       progress=_progress(args), model_name=Path(args.model).name, data_name=args.data,
                       plot_dir=args.out)
     report.to_json(Path(args.out) / "report.json")
@@ -288,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--arch", default="small_cnn")
     tr.add_argument("--method", default="fgsm_rs", choices=methods(), help="training method (default: fgsm_rs)")
     tr.add_argument("--norm", default="linf", choices=norms, help="threat model of the training attack (default: linf)")
+    tr.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                    help="the training attacks run the model with its ReLU + max-pool and BatchNorm + ReLU on the "
+                    "fused layers (default: on)")
     tr.add_argument("--eps", type=_number, default=0.1, help="radius of the training attack, e.g. 0.1 or 8/255 "
                     "(default: 0.1)")
     tr.add_argument("--epochs", type=int, default=10)
@@ -310,6 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--seed", type=int, default=0)
         a.add_argument("--out", required=True)
         a.add_argument("--norm", default="linf", choices=norms, help="threat model (default: linf)")
+        a.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
+                       help="attack the model with its ReLU + max-pool and BatchNorm + ReLU on the fused layers "
+                       "(default: on)")
         if name == "attack":
             a.add_argument("--attack", default="pgd", choices=tuple(ATTACKS), help="the attack (default: pgd)")
             a.add_argument("--eps", type=_number, default=0.1, help="budget, e.g. 0.1 or 8/255 (default: 0.1)")

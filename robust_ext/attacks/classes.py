@@ -6,10 +6,17 @@ import torch
 
 from . import checks
 from .threats import ThreatModel
+
+
+def _fuse(model):
+    from ..fuse import fuse  # the fused layers import the ops; loaded when asked for
+
+    return fuse(model)
+from .apgd import _check_rho, apgd, apgd_t
 from .fgsm import fgsm, fgsm_rs
 from .pgd import bim, pgd
 
-__all__ = ["Attack", "FGSM", "FGM", "FGSM_RS", "BIM", "PGD", "PGDL2"]
+__all__ = ["Attack", "FGSM", "FGM", "FGSM_RS", "BIM", "PGD", "PGDL2", "APGD", "APGDT"]
 
 
 def _fmt(v) -> str:
@@ -24,13 +31,18 @@ def _fmt(v) -> str:
 
 class Attack:
     """Hyper-parameters at construction (checked there), ``atk(images, labels)`` runs the attack.
-    They are plain attributes: ``atk.eps = 4/255`` changes the next call."""
+    They are plain attributes: ``atk.eps = 4/255`` changes the next call. ``fuse=True`` attacks
+    :func:`robust_ext.fuse.fuse` of the model (its ReLU + pool and BatchNorm + ReLU on the fused layers;
+    the same parameters)."""
 
     _fn = None
 
     def __init__(self, model, **params):
+        fuse = params.pop("fuse", False)
         checks.check_hparams(params)
-        self.model = model
+        if not isinstance(fuse, bool):
+            raise ValueError(f"fuse must be True or False, got {fuse!r}")
+        self.model = _fuse(model) if fuse else model
         self._names = tuple(params)
         for name, value in params.items():
             setattr(self, name, value)
@@ -48,18 +60,18 @@ class FGSM(Attack):
     _fn = staticmethod(fgsm)
 
     def __init__(self, model, eps=8 / 255, *, targeted=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False,
-                 norm="linf"):
+                 norm="linf", fuse=False):
         super().__init__(model, eps=eps, targeted=targeted, clip_min=clip_min, clip_max=clip_max, loss=loss, amp=amp,
-                         norm=norm)
+                         norm=norm, fuse=fuse)
 
 
 class FGM(FGSM):
     """FGM, the L2 form of FGSM (Goodfellow et al. 2015; Miyato et al. 2017): ``x + eps * g / ||g||_2``,
     clipped; see :func:`fgsm` with ``norm="l2"``."""
 
-    def __init__(self, model, eps=1.0, *, targeted=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False):
+    def __init__(self, model, eps=1.0, *, targeted=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False, fuse=False):
         super().__init__(model, eps=eps, targeted=targeted, clip_min=clip_min, clip_max=clip_max, loss=loss, amp=amp,
-                         norm="l2")
+                         norm="l2", fuse=fuse)
 
 
 class FGSM_RS(Attack):
@@ -68,9 +80,9 @@ class FGSM_RS(Attack):
     _fn = staticmethod(fgsm_rs)
 
     def __init__(self, model, eps=8 / 255, alpha=None, *, targeted=False, clip_min=0.0, clip_max=1.0, loss="ce",
-                 amp=False, generator=None, norm="linf"):
+                 amp=False, generator=None, norm="linf", fuse=False):
         super().__init__(model, eps=eps, alpha=alpha, targeted=targeted, clip_min=clip_min, clip_max=clip_max,
-                         loss=loss, amp=amp, generator=generator, norm=norm)
+                         loss=loss, amp=amp, generator=generator, norm=norm, fuse=fuse)
 
 
 class BIM(Attack):
@@ -79,9 +91,9 @@ class BIM(Attack):
     _fn = staticmethod(bim)
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, *, targeted=False, early_stop=False,
-                 clip_min=0.0, clip_max=1.0, loss="ce", amp=False, norm="linf"):
+                 clip_min=0.0, clip_max=1.0, loss="ce", amp=False, norm="linf", fuse=False):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, targeted=targeted, early_stop=early_stop,
-                         clip_min=clip_min, clip_max=clip_max, loss=loss, amp=amp, norm=norm)
+                         clip_min=clip_min, clip_max=clip_max, loss=loss, amp=amp, norm=norm, fuse=fuse)
 
 
 class PGD(Attack):
@@ -95,10 +107,10 @@ class PGD(Attack):
 
     def __init__(self, model, eps=8 / 255, alpha=2 / 255, steps=10, random_start=True, *, restarts=1,
                  targeted=False, early_stop=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False, generator=None,
-                 norm="linf"):
+                 norm="linf", fuse=False):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start, restarts=restarts,
                          targeted=targeted, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, loss=loss,
-                         amp=amp, generator=generator, norm=norm)
+                         amp=amp, generator=generator, norm=norm, fuse=fuse)
 
 
 class PGDL2(PGD):
@@ -110,7 +122,45 @@ class PGDL2(PGD):
     """
 
     def __init__(self, model, eps=1.0, alpha=0.2, steps=10, random_start=True, *, restarts=1, targeted=False,
-                 early_stop=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False, generator=None):
+                 early_stop=False, clip_min=0.0, clip_max=1.0, loss="ce", amp=False, generator=None, fuse=False):
         super().__init__(model, eps=eps, alpha=alpha, steps=steps, random_start=random_start, restarts=restarts,
                          targeted=targeted, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, loss=loss,
-                         amp=amp, generator=generator, norm="l2")
+                         amp=amp, generator=generator, norm="l2", fuse=fuse)
+
+
+class APGD(Attack):
+    """APGD (Croce & Hein 2020, "Reliable evaluation of adversarial robustness with an ensemble of diverse
+    parameter-free attacks"); see :func:`apgd`. torchattacks' ``APGD`` argument order, with the paper's 100 steps.
+
+    >>> atk = APGD(model, norm="linf", eps=8/255, steps=100, restarts=1, loss="ce")
+    >>> adv_images = atk(images, labels)
+    """
+
+    _fn = staticmethod(apgd)
+
+    def __init__(self, model, norm="linf", eps=8 / 255, steps=100, restarts=1, *, loss="ce", rho=0.75,
+                 targeted=False, early_stop=True, clip_min=0.0, clip_max=1.0, amp=False, generator=None, fuse=False):
+        _check_rho(rho)
+        super().__init__(model, norm=norm, eps=eps, steps=steps, restarts=restarts, loss=loss, rho=rho,
+                         targeted=targeted, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, amp=amp,
+                         generator=generator, fuse=fuse)
+
+
+class APGDT(Attack):
+    """APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss towards the most likely other classes; see
+    :func:`apgd_t`. torchattacks' ``APGDT`` argument order (``n_target_classes`` in place of its ``n_classes``).
+
+    >>> atk = APGDT(model, norm="linf", eps=8/255, steps=100, restarts=1, n_target_classes=9)
+    >>> adv_images = atk(images, labels)
+    """
+
+    _fn = staticmethod(apgd_t)
+
+    def __init__(self, model, norm="linf", eps=8 / 255, steps=100, restarts=1, *, n_target_classes=9,
+                 loss="dlr_targeted", rho=0.75, early_stop=True, clip_min=0.0, clip_max=1.0, amp=False,
+                 generator=None, fuse=False):
+        _check_rho(rho)
+        checks.check_int(n_target_classes, "n_target_classes", 1)
+        super().__init__(model, norm=norm, eps=eps, steps=steps, restarts=restarts,
+                         n_target_classes=n_target_classes, loss=loss, rho=rho, early_stop=early_stop,
+                         clip_min=clip_min, clip_max=clip_max, amp=amp, generator=generator, fuse=fuse)

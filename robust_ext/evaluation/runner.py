@@ -90,7 +90,8 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
              thresholds: MaskingThresholds = MaskingThresholds(), clip_min: float = 0.0, clip_max: float = 1.0,
              batch_size: int = 256, max_samples: Optional[int] = None, device=None, seed: int = 0,
              progress: bool = True, model_name: Optional[str] = None, data_name: Optional[str] = None,
-             plot_dir=None, n_examples: int = 8, example_eps: Optional[float] = None, norm="linf") -> Report:
+             plot_dir=None, n_examples: int = 8, example_eps: Optional[float] = None, norm="linf",
+             fuse: bool = False) -> Report:
     """Evaluate ``model``'s robustness to ``attacks`` at every ε of ``eps`` on ``data``.
 
     Args:
@@ -101,6 +102,8 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
             :func:`make_attack` specs, attack objects (robust_ext or torchattacks classes: their ``eps`` is
             set per grid point, the rest kept) or callables ``fn(model, x, y, eps=eps) -> x_adv``.
         eps: the ε grid (sorted, duplicates dropped); every value finite and >= 0, in the units of ``norm``.
+        fuse: attack :func:`robust_ext.fuse.fuse` of the model (its ReLU + max-pool and BatchNorm + ReLU on the
+            fused layers, the same parameters; the report records what was fused).
         norm: the threat model: ``"linf"`` (default), ``"l2"`` or a
             :class:`~robust_ext.attacks.ThreatModel`. Named attacks run under it; budget checks, the minimal
             ε, the report and the plots measure distances in it (attack objects and callables keep their own
@@ -127,6 +130,13 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
     """
     t_start = time.perf_counter()
     threat = get_threat(norm)
+    fusion = None
+    if not isinstance(fuse, bool):
+        raise ValueError(f"fuse must be True or False, got {fuse!r}")
+    if fuse:
+        from ..fuse import fuse as fuse_model
+
+        model, fusion = fuse_model(model, return_report=True)
     grid = check_eps_grid(eps)
     specs = resolve_attacks(attacks)
     seed = check_seed(seed)
@@ -249,6 +259,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
         "versions": {"robust_ext": _version(), "torch": torch.__version__, "numpy": np.__version__,
                      "python": platform.python_version()},
         "backend": backend(),
+        "fused": None if fusion is None else {"fused": fusion.fused, "left": fusion.left},
     }
     report = Report(config=config, n_samples=n, clean_accuracy=clean_accuracy, eps=grid, attacks=results,
                     worst_case=worst_case if len(specs) > 1 else None, min_eps=min_eps_summary,

@@ -28,7 +28,7 @@ SCHEDULERS = ("none", "cosine", "onecycle", "cyclic")
 
 # Fields that shape the trajectory: resuming with other values would not continue the same run.
 TRAJECTORY_FIELDS = ("method", "batch_size", "lr", "optimizer", "momentum", "weight_decay", "scheduler", "eps",
-                     "alpha", "pgd_steps", "norm", "mix_ratio", "amp", "channels_last", "seed", "drop_last", "clip_min",
+                     "alpha", "pgd_steps", "norm", "mix_ratio", "amp", "channels_last", "fuse", "seed", "drop_last", "clip_min",
                      "clip_max", "eval_eps", "eval_alpha", "eval_steps", "eval_samples", "guard", "guard_drop",
                      "guard_floor")
 
@@ -61,6 +61,9 @@ class TrainConfig:
         amp: ``False``; ``True`` (bfloat16 autocast on CPU, float16 with a GradScaler on CUDA); or the dtype.
             The attacks and the per-epoch evaluation run under the same autocast.
         channels_last: train in the channels-last memory format (faster convolutions on CPU with bf16).
+        fuse: the attacks (training examples and the robust evaluation) run on
+            :func:`robust_ext.fuse.fuse` of the model: its ReLU + max-pool and BatchNorm + ReLU on the fused
+            layers, the same parameters (training itself runs the model as written).
     Evaluation and the catastrophic-overfitting guard (once per epoch, after training):
         eval_eps: radius of the robust evaluation; default ``eps`` (no robust evaluation when both are unset
             or 0). eval_steps, eval_alpha (default ``2.5 * eval_eps / eval_steps``): PGD with a random start
@@ -101,6 +104,7 @@ class TrainConfig:
     clip_max: float = 1.0
     amp: Union[bool, torch.dtype] = False
     channels_last: bool = False
+    fuse: bool = False
     eval_eps: Optional[float] = None
     eval_steps: int = 10
     eval_alpha: Optional[float] = None
@@ -143,7 +147,7 @@ class TrainConfig:
         _real(self.clip_min, "clip_min")
         _real(self.clip_max, "clip_max")
         check_bounds(self.clip_min, self.clip_max)
-        for name in ("drop_last", "channels_last", "plot"):
+        for name in ("drop_last", "channels_last", "plot", "fuse"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"{name} must be True or False, got {getattr(self, name)!r}")
         for name in ("guard", "progress"):

@@ -12,6 +12,7 @@ from torch import nn
 
 from .. import attacks, models
 from ..attacks.registry import get_attack
+from ..fuse import fuse
 from . import distributed as dist_util
 from .batches import Batches, EpochOrder, check_dataset, derive_seed, num_batches
 from .checkpoint import (capture_rng, check_resumable, load_training_checkpoint, remove_stale_temporaries,
@@ -109,6 +110,8 @@ class _Run:
         if self.resumed_from is not None:
             self._resume(self.resumed_from)
         self.model = dist_util.wrap(self.raw, ctx, self.device)
+        # What the attacks run: the same parameters, the fused layers where asked for.
+        self.attacked = fuse(self.raw) if config.fuse else self.raw
         self.log = MetricsLog(self.out_dir / "metrics.jsonl") if self.out_dir is not None and ctx.is_main else None
 
     # ------------------------------------------------------------------------------------ set-up
@@ -182,7 +185,7 @@ class _Run:
         # defaults for the method.
         params = {k: v for k, v in {"alpha": c.attack_alpha, "steps": c.pgd_steps, "early_stop": False,
                                     "amp": self.amp_dtype or False}.items() if k in entry.defaults}
-        return entry(self.raw, x, y, c.eps, norm=c.norm, clip_min=c.clip_min, clip_max=c.clip_max,
+        return entry(self.attacked, x, y, c.eps, norm=c.norm, clip_min=c.clip_min, clip_max=c.clip_max,
                      generator=self.attack_gen, **params)
 
     def _autocast(self):
@@ -277,7 +280,7 @@ class _Run:
             data = self.test_batches if self.test_set is not None else self.train_batches
             for x, y in data(self.robust_idx, self.batch):
                 x, y = self._to_device(x, y)
-                x_adv = attacks.pgd(self.raw, x, y, eps=c.robust_eps, alpha=c.robust_alpha, steps=c.eval_steps,
+                x_adv = attacks.pgd(self.attacked, x, y, eps=c.robust_eps, alpha=c.robust_alpha, steps=c.eval_steps,
                                     clip_min=c.clip_min, clip_max=c.clip_max, amp=self.amp_dtype or False,
                                     generator=self.eval_gen, norm=c.norm)
                 with torch.no_grad(), self._autocast():
