@@ -1,6 +1,7 @@
-"""Evasion attacks on the fused ops, under L-inf or L2: FGSM/FGM, FGSM-RS, BIM, PGD, and random noise.
+"""Evasion attacks on the fused ops, under L-inf or L2: FGSM/FGM, FGSM-RS, BIM, PGD, APGD/APGD-T, and random noise.
 
-A functional core (:func:`fgsm`, :func:`fgsm_rs`, :func:`bim`, :func:`pgd`, :func:`noise`), thin classes with
+A functional core (:func:`fgsm`, :func:`fgsm_rs`, :func:`bim`, :func:`pgd`, :func:`apgd`, :func:`apgd_t`,
+:func:`noise`), thin classes with
 torchattacks' call shape (``PGD(model, eps=8/255, alpha=2/255, steps=10)(images, labels)``, ``PGDL2``,
 ``FGM``), the attack core they share (:mod:`.core`), the threat models (:mod:`.threats`: ``LINF``, ``L2`` or
 your own), the losses (:mod:`.losses`) and the registry of named attacks (:mod:`.registry`).
@@ -43,7 +44,8 @@ Conventions shared by every attack:
   buffer in place. Works with ``torch.compile``d models (early stop's shrinking batch recompiles once for
   dynamic shapes).
 """
-from .classes import BIM, FGM, FGSM, FGSM_RS, PGD, PGDL2, Attack
+from .apgd import apgd, apgd_t
+from .classes import APGD, APGDT, BIM, FGM, FGSM, FGSM_RS, PGD, PGDL2, Attack
 from .fgsm import fgsm, fgsm_rs
 from .losses import LOSSES, Loss, register_loss
 from .noise import noise
@@ -51,6 +53,7 @@ from .pgd import bim, pgd
 from .registry import ATTACKS, AttackEntry, register_attack
 from .threats import L2, LINF, NORMS, ThreatModel
 
-__all__ = ["fgsm", "fgsm_rs", "bim", "pgd", "noise", "Attack", "FGSM", "FGM", "FGSM_RS", "BIM", "PGD", "PGDL2",
+__all__ = ["fgsm", "fgsm_rs", "bim", "pgd", "apgd", "apgd_t", "noise", "Attack", "FGSM", "FGM", "FGSM_RS", "BIM",
+           "PGD", "PGDL2", "APGD", "APGDT",
            "LOSSES", "Loss", "register_loss", "ATTACKS", "AttackEntry", "register_attack", "ThreatModel", "LINF",
            "L2", "NORMS"]

@@ -5,18 +5,18 @@ from __future__ import annotations
 import torch
 
 from . import checks
+from .apgd import _check_rho, apgd, apgd_t
+from .fgsm import fgsm, fgsm_rs
+from .pgd import bim, pgd
 from .threats import ThreatModel
+
+__all__ = ["Attack", "FGSM", "FGM", "FGSM_RS", "BIM", "PGD", "PGDL2", "APGD", "APGDT"]
 
 
 def _fuse(model):
     from ..fuse import fuse  # the fused layers import the ops; loaded when asked for
 
     return fuse(model)
-from .apgd import _check_rho, apgd, apgd_t
-from .fgsm import fgsm, fgsm_rs
-from .pgd import bim, pgd
-
-__all__ = ["Attack", "FGSM", "FGM", "FGSM_RS", "BIM", "PGD", "PGDL2", "APGD", "APGDT"]
 
 
 def _fmt(v) -> str:

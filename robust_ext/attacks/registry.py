@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import checks
+from .apgd import apgd, apgd_t
 from .fgsm import FGSM_RS_ALPHA, fgsm, fgsm_rs
 from .noise import noise
 from .pgd import bim, pgd
@@ -133,5 +134,13 @@ for _entry in (
                              "loss": "ce", "amp": False}, multi_step_alpha, training=True,
                 summary="PGD from a random start, step 2.5 eps / steps, early stop"),
     AttackEntry("noise", noise, {"draws": 1}, summary="uniform random noise in the eps-ball (a sanity baseline)"),
+    AttackEntry("apgd", apgd, {"steps": 100, "restarts": 1, "loss": "ce", "rho": 0.75, "early_stop": True,
+                               "amp": False},
+                summary="APGD (Croce & Hein 2020): step 2 eps halved at checkpoints when the loss stalls, momentum "
+                        "0.75, 100 steps; loss ce (APGD-CE) or dlr (APGD-DLR)"),
+    AttackEntry("apgd_t", apgd_t, {"steps": 100, "restarts": 1, "n_target_classes": 9, "loss": "dlr_targeted",
+                                   "rho": 0.75, "early_stop": True, "amp": False},
+                summary="APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss towards each of the 9 most "
+                        "likely other classes"),
 ):
     register_attack(_entry)
