@@ -525,11 +525,12 @@ def test_bad_arguments_name_the_argument(digits, kwargs, name):
     (lambda y: y[:, None], r"y must have shape \[8\]"),
     (lambda y: y[:4], r"y must have shape \[8\]"),
     (lambda y: y.tolist(), "y must be an integer tensor"),
+    (lambda y: torch.where(torch.arange(8) == 3, -100, y), "y must hold class indices >= 0"),
 ])
 def test_bad_labels(digits, labels, match):
     model, x, y = digits
     for attack in (lambda *a: A.pgd(*a, eps=EPS, alpha=ALPHA, steps=1), lambda *a: A.fgsm(*a, eps=EPS)):
-        with pytest.raises((ValueError, TypeError), match=match):
+        with pytest.raises((ValueError, TypeError, RuntimeError), match=match):
             attack(model, x[:8], labels(y[:8]))
 
 

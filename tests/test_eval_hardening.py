@@ -69,3 +69,13 @@ def test_attack_reports_nonfinite_logits(tmp_path, capsys):
     result = json.loads(out)
     assert result["nonfinite_logits"] == 10 and "non-finite logits" in result["warnings"][0]
     assert "non-finite logits (NaN or inf) for 10 of 10 samples" in err
+
+
+def test_training_refuses_negative_and_float_labels():
+    from robust_ext.training import train
+
+    x = torch.rand(8, 1, 28, 28)
+    for labels, error, match in ((torch.tensor([0, 1, 2, -100, 4, 5, 6, 7]), ValueError, "labels must be class indices >= 0, got -100"),
+                                 (torch.arange(8).float(), TypeError, "labels must be an integer tensor")):
+        with pytest.raises(error, match=match):
+            train(SmallCNN(), torch.utils.data.TensorDataset(x, labels), None, epochs=1, progress=False, plot=False)

@@ -21,6 +21,10 @@ def shown(value) -> str:
     return text if len(text) <= 40 else f"{text[:12]}...{text[-6:]} ({len(text)} characters)"
 
 
+NEGATIVE_LABELS = ("y must hold class indices >= 0 (a negative label such as cross-entropy's ignore index -100 "
+                   "would leave its sample unperturbed)")
+
+
 def _describe(v) -> str:
     return f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
 
@@ -113,7 +117,11 @@ def check_xy(x, y):
     x = x.detach()
     if not any(x.is_contiguous(memory_format=f) for f in _LAYOUTS):
         x = x.contiguous()
-    return x, y.detach().to(device=x.device, dtype=torch.long)
+    y = y.detach().to(device=x.device, dtype=torch.long)
+    # Without a host sync (an error at once on the CPU, at the next sync on a GPU): a negative label would
+    # be cross-entropy's ignore index (-100), a sample the attack silently leaves unperturbed.
+    torch._assert_async((y >= 0).all(), NEGATIVE_LABELS)
+    return x, y
 
 
 def check_hparams(params: dict) -> None:

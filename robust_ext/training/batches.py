@@ -23,6 +23,13 @@ def check_dataset(dataset, name: str) -> None:
                         f"got {type(dataset).__name__}")
     if len(dataset) == 0:
         raise ValueError(f"{name} is empty")
+    base = dataset.dataset if isinstance(dataset, Subset) else dataset
+    if isinstance(base, TensorDataset) and len(base.tensors) >= 2:
+        labels = base.tensors[1]
+        if labels.is_floating_point() or labels.is_complex() or labels.dtype == torch.bool:
+            raise TypeError(f"{name}'s labels must be an integer tensor of class indices, got {labels.dtype}")
+        if labels.numel() and bool((labels < 0).any()):  # cross-entropy would silently ignore -100
+            raise ValueError(f"{name}'s labels must be class indices >= 0, got {int(labels.min())}")
 
 
 class Batches:
