@@ -190,6 +190,20 @@ def test_build_model_registry():
         build_model("resnet9000")
 
 
+def test_model_spec_is_public_and_checkpoints_live_in_their_module():
+    """Training asks models.model_spec (no private reach-in); robust_ext.checkpoints holds save/load, and
+    the old import path from models still works."""
+    import robust_ext.checkpoints as checkpoints
+
+    assert models.model_spec(SmallCNN(num_classes=3))[0] == "small_cnn"
+    assert models.model_spec(SmallCNN(num_classes=3))[1]["num_classes"] == 3
+    with pytest.raises(ValueError, match="build_model"):
+        models.model_spec(nn.Linear(2, 2))
+    assert not hasattr(models, "_spec")
+    assert (models.save_checkpoint, models.load_checkpoint, models.load_model) == \
+        (checkpoints.save_checkpoint, checkpoints.load_checkpoint, checkpoints.load_model)
+
+
 @pytest.fixture
 def registered_mlp():
     @models.register_model("test_mlp")

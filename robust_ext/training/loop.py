@@ -74,7 +74,7 @@ class _Run:
         self.batch = config.batch_size // ctx.world_size
         self.out_dir = Path(config.out_dir) if config.out_dir is not None else None
         if self.out_dir is not None:
-            models._spec(model)  # fail now, not after the first epoch, if it cannot be checkpointed
+            models.model_spec(model)  # fail now, not after the first epoch, if it cannot be checkpointed
             if ctx.is_main:
                 self.out_dir.mkdir(parents=True, exist_ok=True)
         self.device = torch.device(config.device) if config.device is not None else \
