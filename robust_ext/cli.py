@@ -6,6 +6,7 @@ data) print one line and exit with status 2; no traceback.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import logging
 import math
@@ -13,7 +14,7 @@ import sys
 from pathlib import Path
 from typing import List, Optional
 
-from ._io import check_out_dir, write_json
+from ._io import check_out_dir, run_dir_lock, write_json
 
 
 class UsageError(Exception):
@@ -97,6 +98,15 @@ def _load_model(path: str, sample):
     return model
 
 
+def _holding_out(command):
+    """Runs ``command`` holding its --out directory: a second robust-ext process on it stops at once."""
+    @functools.wraps(command)
+    def run(args) -> int:
+        with run_dir_lock(args.out):
+            return command(args)
+    return run
+
+
 def _progress(args) -> bool:
     return not args.quiet and sys.stderr.isatty()
 
@@ -109,6 +119,7 @@ def cmd_info(args) -> int:
     return 0
 
 
+@_holding_out
 def cmd_demo(args) -> int:
     from .demo import format_demo, run_demo
 
@@ -123,6 +134,7 @@ def cmd_demo(args) -> int:
     return 0
 
 
+@_holding_out
 def cmd_tradeoff(args) -> int:
     from .demo import run_tradeoff
 
@@ -136,6 +148,7 @@ def cmd_tradeoff(args) -> int:
     return 0
 
 
+@_holding_out
 def cmd_train(args) -> int:
     import torch
 
@@ -171,6 +184,7 @@ def cmd_train(args) -> int:
     return 0
 
 
+@_holding_out
 def cmd_attack(args) -> int:
     import torch
 
@@ -229,6 +243,7 @@ def cmd_attack(args) -> int:
     return 0
 
 
+@_holding_out
 def cmd_evaluate(args) -> int:
     from .evaluation import evaluate, make_attack
 

@@ -1,6 +1,7 @@
 """The training loop: :func:`train`."""
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from pathlib import Path
@@ -11,6 +12,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .. import attacks, models
+from .._io import run_dir_lock
 from ..attacks.registry import get_attack
 from ..fuse import fuse
 from . import distributed as dist_util
@@ -58,8 +60,12 @@ def train(model: nn.Module, train_set, test_set=None, config: Optional[TrainConf
     if config.threads is not None:
         torch.set_num_threads(config.threads)
     ctx = dist_util.setup(torch.device(config.device) if config.device is not None else None)
+    # One writer per out_dir: a second run on it fails here, before it reads or writes anything there.
+    holding = (run_dir_lock(config.out_dir, flag="out_dir") if config.out_dir is not None and ctx.is_main
+               else contextlib.nullcontext())
     try:
-        return _Run(model, train_set, test_set, config, ctx, resume, on_epoch_end).run()
+        with holding:
+            return _Run(model, train_set, test_set, config, ctx, resume, on_epoch_end).run()
     finally:
         torch.set_num_threads(threads)
 
