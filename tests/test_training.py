@@ -245,6 +245,24 @@ def test_metrics_log_curves_and_progress(tiny, tmp_path, capsys):
     assert "epoch 1/1" in capsys.readouterr().err
 
 
+def test_resume_restores_the_epoch_line_a_kill_after_the_checkpoint_lost(tiny, tmp_path):
+    """A kill between last.pt's rename and the metrics line: the log lacks an epoch the checkpoint holds.
+    Resuming writes that line from the checkpoint, once; a half-written last line is cut first."""
+    cfg = TrainConfig(out_dir=str(tmp_path), epochs=2, batch_size=32, progress=False, plot=False)
+    first = train(worker.fresh_model(), tiny, None, cfg)
+    log_path = first.log_path
+    lines = log_path.read_text().splitlines(keepends=True)
+    assert json.loads(lines[-1])["event"] == "epoch" and json.loads(lines[-1])["epoch"] == 2
+    log_path.write_text("".join(lines[:-1]) + '{"event": "batch", "epo')  # lost line, then a torn one
+    for _ in range(2):  # the second resume finds the log complete and adds no epoch line
+        again = train(worker.fresh_model(), tiny, None, cfg, resume=True)
+        assert again.epochs_completed == 2
+        epochs = read_metrics(log_path)
+        assert [r["epoch"] for r in epochs] == [1, 2]
+        assert {k: v for k, v in epochs[1].items() if k != "time"} == {"event": "epoch", **first.history[1]}
+    assert [r["event"] for r in read_metrics(log_path, None)] == ["start", "epoch", "epoch", "resume", "resume"]
+
+
 # ------------------------------------------------------------------------------------------ resume
 @pytest.fixture(scope="module")
 def straight_run(tmp_path_factory):

@@ -48,6 +48,10 @@ def train(model: nn.Module, train_set, test_set=None, config: Optional[TrainConf
     on_epoch_end: called on every process with the epoch's record after it is saved; a true return value
         stops the run (resume continues it later).
 
+    ``out_dir`` takes one writer: the run holds it (``robust_ext._io.run_dir_lock``), and a second process
+    training into it fails at once with ValueError. Resuming writes the ``metrics.jsonl`` epoch lines that a
+    run killed after saving ``last.pt`` did not get to write.
+
     Runs under ``torchrun``: see :mod:`robust_ext.training.distributed`.
     """
     config = resolve(config, overrides)
@@ -119,6 +123,12 @@ class _Run:
         # What the attacks run: the same parameters, the fused layers where asked for.
         self.attacked = fuse(self.raw) if config.fuse else self.raw
         self.log = MetricsLog(self.out_dir / "metrics.jsonl") if self.out_dir is not None and ctx.is_main else None
+        if self.log is not None and self.resumed_from is not None and self.history:
+            stop = ({"epoch": self.history[-1]["epoch"], "reason": self.stop_reason, "best_epoch": self.best["epoch"]}
+                    if self.stop_reason is not None else None)
+            if self.log.restore(self.history, stop):
+                log.info("%s lacked the last epoch(s) %s holds: written from the checkpoint",
+                         self.log.path, self.resumed_from)
 
     # ------------------------------------------------------------------------------------ set-up
     def _optimizer(self):

@@ -20,12 +20,31 @@ class MetricsLog:
 
     Each line has ``"event"``: ``"start"`` (config), ``"resume"``, ``"batch"`` (every ``log_every`` batches),
     ``"epoch"`` (the epoch's record, as in the result's history), ``"stop"``. After a resume the log may
-    hold ``"batch"`` lines of an epoch that was lost and trained again; its ``"epoch"`` line comes once.
+    hold ``"batch"`` lines of an epoch that was lost and trained again; its ``"epoch"`` line comes once
+    (:meth:`restore` writes the ones a killed run saved in its checkpoint but not here). A line a killed
+    process left half-written is cut off when the log is opened again.
     """
 
     def __init__(self, path: Path):
         self.path = Path(path)
+        _cut_torn_line(self.path)
         self._file = open(self.path, "a", encoding="utf-8")
+
+    def restore(self, history: Sequence[Dict[str, Any]], stop: Optional[Dict[str, Any]] = None) -> int:
+        """Append the ``"epoch"`` lines of ``history`` (a checkpoint's records) past the log's last one.
+
+        A run killed between its checkpoint's rename and its log line saved an epoch the log lacks; on resume
+        this makes the log match the checkpoint again. ``stop``: the fields of the checkpoint's ``"stop"``
+        line, written when the stopping epoch's line was missing too. Returns the number of epoch lines written.
+        """
+        self._file.flush()
+        last = max((r["epoch"] for r in read_metrics(self.path)), default=0)
+        missing = [r for r in history if r["epoch"] > last]
+        for record in missing:
+            self.write("epoch", **record)
+        if stop is not None and missing and missing[-1]["epoch"] == stop["epoch"]:
+            self.write("stop", **stop)
+        return len(missing)
 
     def write(self, event: str, **fields: Any) -> None:
         record = {"event": event, "time": round(time.time(), 3), **fields}
@@ -34,6 +53,18 @@ class MetricsLog:
 
     def close(self) -> None:
         self._file.close()
+
+
+def _cut_torn_line(path: Path) -> None:
+    try:
+        with open(path, "rb+") as f:
+            size = f.seek(0, 2)
+            if size and (f.seek(size - 1) is None or f.read(1) != b"\n"):
+                f.seek(0)
+                f.truncate(f.read().rfind(b"\n") + 1)
+                log.warning("%s: cut a line a killed run left unfinished", path)
+    except FileNotFoundError:
+        pass
 
 
 def read_metrics(path: Path, event: Optional[str] = "epoch") -> List[Dict[str, Any]]:
