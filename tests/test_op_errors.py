@@ -131,3 +131,38 @@ def test_device_mismatch():
         ops.linf_step(X.cuda(), X, X.cuda(), 0.1, 0.1)
     with err("eps must be on the same device as x"):
         ops.linf_step(X.cuda(), X.cuda(), X.cuda(), 0.1, torch.full((4,), 0.1))
+
+
+@pytest.mark.usefixtures("impl")
+class TestBadInputL2:
+    """The L2 ops share the L-inf ops' checks and messages (csrc/ball_ops.h, reference._check_*)."""
+
+    def test_shapes_dtypes_budgets(self):
+        with err("grad must have the same shape as x"):
+            ops.l2_step(X.clone(), torch.rand(4, 3, 5, 4), X, 0.1, 0.1)
+        with err("x_adv must have the same dtype as x"):
+            ops.l2_project_(X.double(), X, 0.1)
+        with err("eps must be >= 0"):
+            ops.fgm(X, X, -0.1)
+        with err("alpha must not be NaN"):
+            ops.l2_step_(X.clone(), X, X, float("nan"), 0.1)
+        with err("eps must be >= 0 and not NaN for every sample"):
+            ops.l2_random_init(X, torch.tensor([0.1, float("nan"), 0.1, 0.1]))
+        with err(r"eps as a tensor must be 1-D with one value per sample \(4\), got shape \[3\]"):
+            ops.l2_step(X, X, X, 0.1, torch.full((3,), 0.1))
+        with err("clip_min must be <= clip_max"):
+            ops.l2_project(X, X, 0.1, 1.0, 0.0)
+        with err("x must be float32, float64, float16 or bfloat16"):
+            ops.fgm(X.int(), X.int(), 0.1)
+        with err("generator must be a torch.Generator"):
+            ops.l2_random_init(X, 0.1, generator=1)
+
+    def test_no_grad_and_overlap(self):
+        leaf = X.clone().requires_grad_(True)
+        with err("x_adv requires grad, but robust_ext ops are not differentiable"):
+            ops.l2_step_(leaf, X, X, 0.1, 0.1)
+        with err("more than one element of the written-to tensor refers to a single memory location"):
+            ops.l2_project_(torch.rand(1, 3, 5, 5).expand(4, 3, 5, 5), X, 0.1)
+        buf = torch.rand(200)
+        with pytest.raises(RuntimeError, match="some elements of the input tensor and the written-to tensor"):
+            ops.l2_step_(buf[1:101], buf[0:100], buf[100:200], 0.1, 0.1)
