@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Cheap CUDA check for machines without a GPU (NOTES.md, "CUDA without a GPU"): compiles every CUDA
 # kernel file setup.py builds (csrc/**/cuda/*.cu, one folder per op family) with nvcc against the
-# headers of the torch that `python` imports, host and device code for sm_80 and sm_90. Nothing is linked or run. Exits non-zero on the first compile error or a missing nvcc.
+# headers of the torch that `python` imports, host and device code for sm_80 and sm_90. Nothing is
+# linked or run. Exits non-zero on the first compile error or a missing nvcc.
 set -euo pipefail
 
 cd "$(dirname "${BASH_SOURCE[0]}")/.."

@@ -3,13 +3,14 @@
 # clone runs on a given machine: on this AVX-512 CI machine the other two would never run. This builds
 # the extension once per other ISA (ROBUST_EXT_CPU_ISA=avx2, =baseline: every loop for that ISA alone, no
 # hand-written AVX-512 code) in a scratch copy of the tree and runs the kernel tests against it: every op
-# against the reference (bit-exact, or the L2 ops' stated bound), Philox known answers, both fused layers. Run from the venv the README
-# sets up (torch installed). Skips an ISA the CPU cannot run (exit 0, says so).
+# against the reference (bit-exact, or the L2 ops' stated bound), Philox known answers, both fused
+# layers. Run from the venv the README sets up (torch installed). Skips an ISA the CPU cannot run
+# (exit 0, says so).
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-tests=(tests/test_ops.py tests/test_l2_ops.py tests/test_ops_properties.py tests/test_random_init.py tests/test_op_errors.py
-       tests/test_pooling.py tests/test_batchnorm.py)
+tests=(tests/test_ops.py tests/test_l2_ops.py tests/test_ops_properties.py tests/test_random_init.py
+       tests/test_op_errors.py tests/test_pooling.py tests/test_batchnorm.py)
 work=$(mktemp -d "${TMPDIR:-/tmp}/check_isa.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 
