@@ -396,3 +396,19 @@ def test_64bit_indexing():
         expected = torch.tensor(eps / math.sqrt(half)).to(torch.bfloat16)
         for i in (0, half // 2, half - 1):
             assert x_adv[s, i] == expected, (s, i)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CPU-CUDA agreement needs a GPU")
+@pytest.mark.parametrize("shape", [(4, 3, 9, 11), (2, 3, 300, 300)])  # block per sample; split sums
+def test_cuda_matches_cpu_bitwise(shape):
+    """Both backends sum in l2_math.h's order with correctly rounded sqrt and division: the same bits."""
+    for dtype in DTYPES:
+        x_adv, grad, x = images(shape=shape, dtype=dtype, seed=10, spread=0.2)
+        eps = torch.linspace(0.0, 3.0, shape[0], dtype=torch.float64)
+        cpu = (ops.l2_step(x_adv, grad, x, 0.4, eps), ops.l2_project(x_adv, x, eps), ops.fgm(x, grad, 0.5),
+               ops.l2_random_init(x, eps, generator=torch.Generator().manual_seed(2)))
+        xa, g, xx, e = x_adv.cuda(), grad.cuda(), x.cuda(), eps.cuda()
+        gpu = (ops.l2_step(xa, g, xx, 0.4, e), ops.l2_project(xa, xx, e), ops.fgm(xx, g, 0.5),
+               ops.l2_random_init(xx, e, generator=torch.Generator().manual_seed(2)))
+        for a, b in zip(cpu, gpu):
+            same(a, b.cpu())
