@@ -80,7 +80,7 @@ tar -cf - --exclude=./.git --exclude=./.venv --exclude=./build --exclude='*.so' 
 cd "$work"
 export PYTHONPATH="$work${PYTHONPATH:+:$PYTHONPATH}"
 
-stage build 200 env ROBUST_EXT_BUILD=cuda TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
+stage build 180 env ROBUST_EXT_BUILD=cuda TORCH_CUDA_ARCH_LIST="$arch" MAX_JOBS="$(nproc)" \
   "$py" setup.py -q build_ext --inplace >"$out/build.log" 2>&1
 if [[ ${status[build]} != ok ]]; then tail -30 "$out/build.log"; exit 1; fi
 "$py" -c "import robust_ext; print('gpu_check:', robust_ext.build_info()); print('gpu_check:', robust_ext.backend())" \
@@ -100,7 +100,7 @@ tail -15 "$out/tests.log"
 
 bench_args=(--device cuda --dtypes fp32,bf16 --rounds 2 --min-run-time 0.1 --out "$out/bench_ops_cuda.json")
 [[ ${GPU_BENCH_COMPILE:-0} == 1 ]] || bench_args+=(--no-compile)
-stage bench 120 "$py" benchmarks/bench_ops.py "${bench_args[@]}" >"$out/bench.log" 2>&1
+stage bench 150 "$py" benchmarks/bench_ops.py "${bench_args[@]}" >"$out/bench.log" 2>&1
 grep -A 12 "== summary" "$out/bench.log" || tail -20 "$out/bench.log"
 
 exit $tests_rc
