@@ -28,6 +28,8 @@ from robust_ext.attacks.apgd import StepRule, apgd, apgd_t, checkpoint_schedule,
 from robust_ext.attacks.losses import per_sample_loss
 from robust_ext.attacks.threats import L2, LINF, ThreatModel
 
+from conftest import DEVICES
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS = 0.1  # digits CNN: clean 98.4%, APGD-CE about 46%
@@ -168,25 +170,31 @@ def _reference_draw(shape):
     return _rand(tuple(shape), generator=torch.Generator().manual_seed(1))
 
 
-class ReferenceStartLinf(ThreatModel):
+class _ReferenceStart(ThreatModel):
+    """A threat model of the library (``base``) with the reference's random start (``init``, per subclass)."""
+
+    base: ThreatModel
+
+    def step_(self, x_adv, grad, x, alpha, eps, clip_min, clip_max):
+        return self.base.step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
+
+    def project_(self, x_adv, x, eps, clip_min, clip_max):
+        return self.base.project_(x_adv, x, eps, clip_min, clip_max)
+
+    def distance(self, x_adv, x):
+        return self.base.distance(x_adv, x)
+
+
+class ReferenceStartLinf(_ReferenceStart):
     """L-inf with the reference's start: ``x + eps * t / ||t||_inf``, ``t = 2 * rand - 1``, clipped (the same
     expression as torchattacks', operation for operation)."""
 
-    name = "linf-reference-start"
+    name, base = "linf-reference-start", LINF
 
     def init(self, x, eps, clip_min, clip_max, generator=None):
         t = 2 * _reference_draw(x.shape) - 1
         scale = t.reshape([t.shape[0], -1]).abs().max(dim=1, keepdim=True)[0].reshape([-1, 1, 1, 1])
         return (x + eps * torch.ones([x.shape[0], 1, 1, 1]) * t / scale).clamp(clip_min, clip_max)
-
-    def step_(self, x_adv, grad, x, alpha, eps, clip_min, clip_max):
-        return LINF.step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
-
-    def project_(self, x_adv, x, eps, clip_min, clip_max):
-        return LINF.project_(x_adv, x, eps, clip_min, clip_max)
-
-    def distance(self, x_adv, x):
-        return LINF.distance(x_adv, x)
 
 
 def _with_reference_draw(monkeypatch, fn):
@@ -260,6 +268,35 @@ def test_early_stop_equals_every_iteration_in_robust_accuracy(digits, attack, kw
     full = attack(model, x, y, eps=EPS, steps=30, early_stop=False, generator=gen(), **kw)
     assert torch.equal(fooled(model, stopped, y), fooled(model, full, y))
     assert 0.2 < accuracy(model, full, y) < 0.9
+
+
+def test_targeted_reaches_the_targets(digits):
+    model, x, y = digits
+    target = (y + 1) % 10
+    kw = dict(eps=0.2, steps=20, targeted=True, loss="ce")
+    stopped = apgd(model, x, target, early_stop=True, generator=gen(), **kw)
+    full = apgd(model, x, target, early_stop=False, generator=gen(), **kw)
+    with torch.no_grad():
+        hit_stopped, hit_full = model(stopped).argmax(1) == target, model(full).argmax(1) == target
+    assert torch.equal(hit_stopped, hit_full)
+    assert hit_full.float().mean() > 0.5
+    assert_in_ball(stopped, x, 0.2)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), pytest.param("l2", 0.5, marks=needs_l2)])
+def test_device_comes_from_the_inputs(digits, device, norm, eps):
+    model, x, y = digits
+    on_device = copy.deepcopy(model).to(device)
+    xd, yd = x.to(device), y.to(device)
+    for attack in (apgd, apgd_t):
+        kw = dict(eps=eps, steps=20, norm=norm, **({"n_target_classes": 3} if attack is apgd_t else {}))
+        x_adv = attack(on_device, xd, yd, generator=torch.Generator(device).manual_seed(0), **kw)
+        assert x_adv.device == xd.device
+        assert_in_ball(x_adv.cpu(), x, eps, p=math.inf if norm == "linf" else 2)
+        if device != "cpu":  # same strength as on the CPU, up to the devices' rounding
+            on_cpu = attack(model, x, y, generator=gen(), **kw)
+            assert abs(accuracy(on_device, x_adv, yd) - accuracy(model, on_cpu, y)) <= 0.02
 
 
 def test_misclassified_points_are_returned_clean(digits):
@@ -383,24 +420,15 @@ def _reference_normal(shape):
     return _randn(tuple(shape), generator=torch.Generator().manual_seed(1))
 
 
-class ReferenceStartL2(ThreatModel):
+class ReferenceStartL2(_ReferenceStart):
     """L2 with the reference's start: ``x + eps * t / ||t||_2``, ``t`` standard normal, clipped."""
 
-    name = "l2-reference-start"
+    name, base = "l2-reference-start", L2
 
     def init(self, x, eps, clip_min, clip_max, generator=None):
         t = _reference_normal(x.shape)
         scale = (t ** 2).sum(dim=(1, 2, 3), keepdim=True).sqrt() + 1e-12
         return (x + eps * torch.ones([x.shape[0], 1, 1, 1]) * t / scale).clamp(clip_min, clip_max)
-
-    def step_(self, x_adv, grad, x, alpha, eps, clip_min, clip_max):
-        return L2.step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
-
-    def project_(self, x_adv, x, eps, clip_min, clip_max):
-        return L2.project_(x_adv, x, eps, clip_min, clip_max)
-
-    def distance(self, x_adv, x):
-        return L2.distance(x_adv, x)
 
 
 EPS_L2 = 0.5  # digits CNN: about 44% under APGD-CE

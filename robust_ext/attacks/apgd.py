@@ -10,8 +10,8 @@ torchattacks and adv-lib follow:
   step, so ``x_1 = z``), ``P`` the projection onto the ball and the bounds.
 * Per sample, the best point (highest loss, strictly higher replaces it) and its gradient are kept.
 * At the checkpoints of :func:`checkpoint_schedule` a sample halves its step and restarts from its best point
-  (with the best point's gradient; the momentum term then points from the last iterate to it) when
-  :func:`halve_step` says so.
+  (with the best point's gradient; the next momentum term runs from the iterate before the last to it)
+  when :func:`halve_step` says so.
 * A sample is fooled when any iterate, the start included, fools the model; points the model misclassifies
   (targeted: already classifies as the target) are not attacked. Restarts, and APGD-T's target classes,
   attack only the points no earlier run fooled.
@@ -25,7 +25,7 @@ Differences from the reference, none of which changes what is computed for a sam
   iteration and returns the last fooling iterate, as the reference.
 * A point never fooled comes back as the highest-loss point found (the reference returns the clean image).
 * The last iterate's gradient is not computed (nothing uses it), and nothing waits for the host between
-  iterations beyond early stop's one check.
+  iterations but early stop's check of which samples leave (none without early stop).
 """
 from __future__ import annotations
 
@@ -119,7 +119,7 @@ class _Batch:
         self.__dict__.update(state)
 
     def keep(self, index):
-        for name, v in vars(self).items():
+        for name, v in list(vars(self).items()):
             if isinstance(v, torch.Tensor):
                 setattr(self, name, v.index_select(0, index))
             elif isinstance(v, StepRule):
