@@ -193,13 +193,20 @@ def _run(obj, threat, x, y, t, eps, rows, *, steps, rho, lo, hi, early_stop, gen
                 m = _rows_view(halve, s.x_adv)
                 s.x_adv, s.grad = torch.where(m, s.x_best, s.x_adv), torch.where(m, s.grad_best, s.grad)
         _step(threat, s, MOMENTUM if i else 1.0, lo, hi)
+    _finish(s, out, done, best, early_stop)
+
+
+def _finish(s, out, done, best, early_stop):
+    """After a run: a sample fooled without early stop gets its last fooling iterate; one not fooled its best
+    point, when its loss beats the best of earlier runs."""
     fooled = torch.zeros_like(s.rule.best, dtype=torch.bool) if early_stop else s.hit
-    better = ~fooled & (s.rule.best.to(best.dtype) > best.index_select(0, s.rows))
-    keep_out = out.index_select(0, s.rows)
+    loss, before = s.rule.best.to(best.dtype), best.index_select(0, s.rows)
+    better = ~fooled & (loss > before)
+    result = out.index_select(0, s.rows)
     if not early_stop:
-        keep_out = torch.where(_rows_view(fooled, s.x_hit), s.x_hit, keep_out)
-    out.index_copy_(0, s.rows, torch.where(_rows_view(better, s.x_best), s.x_best, keep_out))
-    best.index_copy_(0, s.rows, torch.where(better, s.rule.best.to(best.dtype), best.index_select(0, s.rows)))
+        result = torch.where(_rows_view(fooled, s.x_hit), s.x_hit, result)
+    out.index_copy_(0, s.rows, torch.where(_rows_view(better, s.x_best), s.x_best, result))
+    best.index_copy_(0, s.rows, torch.where(better, loss, before))
     done.index_copy_(0, s.rows, done.index_select(0, s.rows) | fooled)
 
 
