@@ -98,7 +98,7 @@ stage tests 150 "$py" -m pytest -q -p no:cacheprovider -k "cuda or device_mismat
 tests_rc=$?
 tail -15 "$out/tests.log"
 
-bench_args=(--device cuda --dtypes fp32,bf16 --rounds 2 --min-run-time 0.1 --out "$out/bench_ops_cuda.json")
+bench_args=(--device cuda --dtypes fp32,bf16 --rounds 1 --min-run-time 0.1 --out "$out/bench_ops_cuda.json")
 [[ ${GPU_BENCH_COMPILE:-0} == 1 ]] || bench_args+=(--no-compile)
 stage bench 150 "$py" benchmarks/bench_ops.py "${bench_args[@]}" >"$out/bench.log" 2>&1
 grep -A 12 "== summary" "$out/bench.log" || tail -20 "$out/bench.log"

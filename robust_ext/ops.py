@@ -112,43 +112,47 @@ def _bound(value, name: str) -> float:
     raise TypeError(f"{name} must be a float, got {type(value).__name__}")
 
 
+def _step_args(x, alpha, eps, clip_min, clip_max):
+    """(alpha, eps, clip_min, clip_max, alpha_t, eps_t) in the schema's order and types."""
+    a, a_t = _budget(alpha, "alpha", x)
+    e, e_t = _budget(eps, "eps", x)
+    return a, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), a_t, e_t
+
+
+def _ball_args(x, eps, clip_min, clip_max):
+    """(eps, clip_min, clip_max, eps_t) in the schema's order and types."""
+    e, e_t = _budget(eps, "eps", x)
+    return e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t
+
+
 def linf_step(x_adv, grad, x, alpha, eps, clip_min=0.0, clip_max=1.0):
     """One BIM/PGD step, fused: ``clip(project_eps(x_adv + alpha * sign(grad)))`` in one memory pass.
 
     Returns a new tensor with ``x_adv``'s layout. ``alpha < 0`` descends (targeted attacks).
     """
-    a, a_t = _budget(alpha, "alpha", x)
-    e, e_t = _budget(eps, "eps", x)
-    return _impl(x).linf_step(x_adv, grad, x, a, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"),
-                              a_t, e_t)
+    return _impl(x).linf_step(x_adv, grad, x, *_step_args(x, alpha, eps, clip_min, clip_max))
 
 
 def linf_step_(x_adv, grad, x, alpha, eps, clip_min=0.0, clip_max=1.0):
     """In-place :func:`linf_step`: updates and returns ``x_adv``."""
-    a, a_t = _budget(alpha, "alpha", x)
-    e, e_t = _budget(eps, "eps", x)
-    _impl(x).linf_step_(x_adv, grad, x, a, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"),
-                        a_t, e_t)
+    _impl(x).linf_step_(x_adv, grad, x, *_step_args(x, alpha, eps, clip_min, clip_max))
     return x_adv
 
 
 def linf_project(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
     """Projection onto the L-inf ball of radius ``eps`` around ``x``, then clipping: for custom step rules."""
-    e, e_t = _budget(eps, "eps", x)
-    return _impl(x).linf_project(x_adv, x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+    return _impl(x).linf_project(x_adv, x, *_ball_args(x, eps, clip_min, clip_max))
 
 
 def linf_project_(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
     """In-place :func:`linf_project`: updates and returns ``x_adv``."""
-    e, e_t = _budget(eps, "eps", x)
-    _impl(x).linf_project_(x_adv, x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+    _impl(x).linf_project_(x_adv, x, *_ball_args(x, eps, clip_min, clip_max))
     return x_adv
 
 
 def fgsm(x, grad, eps, clip_min=0.0, clip_max=1.0):
     """FGSM (Goodfellow et al. 2015): ``clip(x + eps * sign(grad))``."""
-    e, e_t = _budget(eps, "eps", x)
-    return _impl(x).fgsm(x, grad, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+    return _impl(x).fgsm(x, grad, *_ball_args(x, eps, clip_min, clip_max))
 
 
 def _seed(x, generator):
@@ -171,9 +175,8 @@ def linf_random_init(x, eps, clip_min=0.0, clip_max=1.0, generator=None):
     element for float32/float16/bfloat16, 32 for float64.
     """
     impl = _impl(x)
-    e, e_t = _budget(eps, "eps", x)
-    return impl.linf_random_init(x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"),
-                                 _seed(x, generator), e_t)
+    e, lo, hi, e_t = _ball_args(x, eps, clip_min, clip_max)
+    return impl.linf_random_init(x, e, lo, hi, _seed(x, generator), e_t)
 
 
 def l2_step(x_adv, grad, x, alpha, eps, clip_min=0.0, clip_max=1.0):
@@ -191,38 +194,30 @@ def l2_step(x_adv, grad, x, alpha, eps, clip_min=0.0, clip_max=1.0):
     is not supported (NaN propagates into the sample). Returns a new tensor with ``x_adv``'s layout;
     inputs that are not contiguous are computed on contiguous copies.
     """
-    a, a_t = _budget(alpha, "alpha", x)
-    e, e_t = _budget(eps, "eps", x)
-    return _impl(x).l2_step(x_adv, grad, x, a, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"),
-                            a_t, e_t)
+    return _impl(x).l2_step(x_adv, grad, x, *_step_args(x, alpha, eps, clip_min, clip_max))
 
 
 def l2_step_(x_adv, grad, x, alpha, eps, clip_min=0.0, clip_max=1.0):
     """In-place :func:`l2_step`: updates and returns ``x_adv``."""
-    a, a_t = _budget(alpha, "alpha", x)
-    e, e_t = _budget(eps, "eps", x)
-    _impl(x).l2_step_(x_adv, grad, x, a, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), a_t, e_t)
+    _impl(x).l2_step_(x_adv, grad, x, *_step_args(x, alpha, eps, clip_min, clip_max))
     return x_adv
 
 
 def l2_project(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
     """Projection onto the L2 ball of radius ``eps`` around ``x`` (per sample), then clipping."""
-    e, e_t = _budget(eps, "eps", x)
-    return _impl(x).l2_project(x_adv, x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+    return _impl(x).l2_project(x_adv, x, *_ball_args(x, eps, clip_min, clip_max))
 
 
 def l2_project_(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
     """In-place :func:`l2_project`: updates and returns ``x_adv``."""
-    e, e_t = _budget(eps, "eps", x)
-    _impl(x).l2_project_(x_adv, x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+    _impl(x).l2_project_(x_adv, x, *_ball_args(x, eps, clip_min, clip_max))
     return x_adv
 
 
 def fgm(x, grad, eps, clip_min=0.0, clip_max=1.0):
     """FGM, the L2 fast gradient method (Goodfellow et al. 2015; Miyato et al. 2017):
     ``clip(x + eps * g / ||g||_2)`` per sample, with :func:`l2_step`'s gradient rules."""
-    e, e_t = _budget(eps, "eps", x)
-    return _impl(x).fgm(x, grad, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), e_t)
+    return _impl(x).fgm(x, grad, *_ball_args(x, eps, clip_min, clip_max))
 
 
 def l2_random_init(x, eps, clip_min=0.0, clip_max=1.0, generator=None):
@@ -237,9 +232,9 @@ def l2_random_init(x, eps, clip_min=0.0, clip_max=1.0, generator=None):
     thread count, vector width, memory layout or device. The seed is one 64-bit draw from ``generator``
     (default: the CPU default generator), as for :func:`linf_random_init`.
     """
-    e, e_t = _budget(eps, "eps", x)
-    return _impl(x).l2_random_init(x, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"),
-                                   _seed(x, generator), e_t)
+    impl = _impl(x)
+    e, lo, hi, e_t = _ball_args(x, eps, clip_min, clip_max)
+    return impl.l2_random_init(x, e, lo, hi, _seed(x, generator), e_t)
 
 
 def _register_fakes():

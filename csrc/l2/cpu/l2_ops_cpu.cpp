@@ -131,24 +131,18 @@ void sample_delta_write(S* out, const S* xa, const S* g, const S* x, int64_t n, 
   }
 }
 
-// The normal deviates of logical elements [begin, end) into z, 128 at a time from aligned Philox blocks.
+// The normal deviates of logical elements [begin, end) into z, from aligned Philox runs.
 template <typename T>
 RX_CLONES void gaussians(int64_t begin, int64_t end, uint32_t k0, uint32_t k1, T* __restrict z) {
-  constexpr int64_t kStep = cpu::kPhiloxBlocks * math::kBlock;
-  for (int64_t i = begin; i < end;) {
-    const int64_t run = i / math::kBlock * math::kBlock;
-    const int64_t stop = std::min(end, run + kStep);
-    cpu::PhiloxWords w;
-    cpu::philox_blocks(static_cast<uint64_t>(run / math::kBlock) * math::kLanes, k0, k1, w);
-    T buf[kStep];  // element run + 64 b + 16 k + l, as w
+  cpu::for_philox_runs(begin, end, k0, k1, [&](int64_t i, int64_t stop, int64_t run, const cpu::PhiloxWords& w) {
+    T buf[cpu::kPhiloxBlocks * math::kBlock];  // element run + 64 b + 16 k + l, as w
     for (int b = 0; b < cpu::kPhiloxBlocks; ++b)
       for (int p = 0; p < 4; p += 2)
         for (int l = 0; l < math::kLanes; ++l)
           math::box_muller<T>(w[b][p][l], w[b][p + 1][l], buf[b * math::kBlock + p * math::kLanes + l],
                               buf[b * math::kBlock + (p + 1) * math::kLanes + l]);
     for (int64_t j = i; j < stop; ++j) z[j - begin] = buf[j - run];
-    i = stop;
-  }
+  });
 }
 
 // The chunk's deviates: elements [b, e) of the sample starting at logical index `first`.

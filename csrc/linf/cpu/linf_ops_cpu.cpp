@@ -46,24 +46,16 @@ RX_CLONES void fgsm_row(S* __restrict out, const S* __restrict x, const S* __res
     out[i] = static_cast<S>(math::fgsm<T>(static_cast<T>(x[i]), static_cast<T>(g[i]), eps, lo, hi));
 }
 
-// Elements [begin, end) of the logical index space, in runs of kPhiloxBlocks aligned 64-element Philox blocks:
-// each run's words are computed at once and stored for the run's elements inside [begin, end).
+// Elements [begin, end) of the logical index space, their words from aligned Philox runs.
 template <typename S>
 RX_CLONES void random_init_row(S* __restrict out, const S* __restrict x, int64_t begin, int64_t end,
                                uint32_t k0, uint32_t k1, compute_t<S> eps, compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
-  constexpr int64_t kStep = cpu::kPhiloxBlocks * math::kBlock;
-  for (int64_t i = begin; i < end;) {
-    const int64_t run = i / math::kBlock * math::kBlock;
-    const int64_t stop = std::min(end, run + kStep);
-    cpu::PhiloxWords w;
-    cpu::philox_blocks(static_cast<uint64_t>(run / math::kBlock) * math::kLanes, k0, k1, w);
-    // w[b][k][l] belongs to element run + 64 b + 16 k + l: w's memory order is the elements' order.
+  cpu::for_philox_runs(begin, end, k0, k1, [&](int64_t i, int64_t stop, int64_t run, const cpu::PhiloxWords& w) {
     const uint32_t* __restrict words = &w[0][0][0];
     for (int64_t j = i; j < stop; ++j)
       out[j] = static_cast<S>(math::random_init<T>(static_cast<T>(x[j]), words[j - run], eps, lo, hi));
-    i = stop;
-  }
+  });
 }
 
 struct CpuKernels {
