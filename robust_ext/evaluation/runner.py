@@ -127,7 +127,15 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
 
     Returns a :class:`Report`; each gradient-masking sign is also issued as a
     :class:`GradientMaskingWarning`, an attack leaving its ε-ball as an :class:`EvaluationWarning`.
+    ``attacks="autoattack"`` runs the AutoAttack ensemble (standard version) at each ε instead and returns its
+    :class:`~robust_ext.evaluation.AutoAttackReport` (see :func:`~robust_ext.evaluation.autoattack`).
     """
+    if isinstance(attacks, str) and attacks == "autoattack":
+        from .autoattack import autoattack
+
+        return autoattack(model, data, eps, norm, clip_min=clip_min, clip_max=clip_max, batch_size=batch_size,
+                          max_samples=max_samples, device=device, seed=seed, progress=progress,
+                          model_name=model_name, data_name=data_name, fuse=fuse)
     t_start = time.perf_counter()
     threat = get_threat(norm)
     fusion = None

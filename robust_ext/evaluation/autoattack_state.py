@@ -1,0 +1,135 @@
+"""The state of an AutoAttack evaluation on disk, so that a run killed at any point (``kill -9`` included)
+resumes without recomputing what it finished.
+
+A state directory holds:
+
+* ``autoattack_state.pt``: the settings the run was started with (as JSON text), the clean pass's results
+  and, per ε, every point's code (robust, misclassified clean, or the attack that fooled it) after the last
+  finished attack, with the list of finished (ε, attack) pairs. Written by the main process only, after the
+  clean pass and after each attack.
+* ``chunks/e{j}_a{i}_c{k}.pt``: one per chunk of points an attack ran on (ε ``j``, attack ``i``, chunk ``k``
+  of the points still robust when the attack started): the chunk's points, which of them the attack fooled
+  and their adversarial examples. Written by whichever process attacked the chunk, as soon as it is done.
+
+Every file is written atomically (:func:`robust_ext._io.atomic_write`): a kill leaves the old file or the
+new one. A chunk is the unit of work that survives a kill; the chunks of an attack depend only on the
+codes before it, so a resumed run (with any number of processes) finds the same chunks.
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Optional, Tuple
+
+import torch
+
+from .._io import atomic_write
+
+log = logging.getLogger("robust_ext.evaluation")
+
+STATE_FILE = "autoattack_state.pt"
+CHUNK_DIR = "chunks"
+ROBUST, MISCLASSIFIED = -1, 0  # codes; attack i (from 0) that fooled a point is code i + 1
+
+
+def _save(path: Path, value) -> None:
+    atomic_write(path, lambda f: torch.save(value, f))
+
+
+def _normalized(settings: dict) -> dict:
+    return json.loads(json.dumps(settings, default=str, sort_keys=True))
+
+
+def _differences(saved: dict, wanted: dict, prefix: str = "") -> list:
+    out = []
+    for key in sorted(set(saved) | set(wanted)):
+        a, b = saved.get(key), wanted.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += _differences(a, b, f"{prefix}{key}.")
+        elif a != b:
+            out.append((prefix + key, a, b))
+    return out
+
+
+class EvaluationState:
+    """What an evaluation has done: in memory always, on disk when ``path`` is a directory.
+
+    codes: int16 ``[n_eps, N]``; clean: the clean pass's results (None before it); done: the finished
+    (ε index, attack index) pairs.
+    """
+
+    def __init__(self, path, settings: dict, n_eps: int, n: int, main: bool = True):
+        self.path = None if path is None else Path(path)
+        self.settings, self.main = _normalized(settings), main
+        self.codes = torch.full((n_eps, n), ROBUST, dtype=torch.int16)
+        self.clean: Optional[dict] = None
+        self.done: set = set()
+        self.resumed = False
+        if self.path is None:
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise ValueError(f"state_path {self.path}: is a file, expected a directory (existing or to create)")
+        file = self.path / STATE_FILE
+        if file.is_file():
+            self._load(file)
+        elif main:
+            (self.path / CHUNK_DIR).mkdir(parents=True, exist_ok=True)
+            self.save()
+
+    def _load(self, file: Path) -> None:
+        try:
+            saved = torch.load(file, weights_only=True)
+            settings = json.loads(saved["settings"])
+        except Exception as e:  # a file of another program, or one from another version
+            raise ValueError(f"state_path {self.path}: {file.name} is not an AutoAttack state "
+                             f"({type(e).__name__}: {e})") from None
+        diff = _differences(settings, self.settings)
+        if diff:
+            key, old, new = diff[0]
+            raise ValueError(f"state_path {self.path}: the saved evaluation ran with {key}={old!r}, this one asks "
+                             f"for {key}={new!r}; resume with the same settings or use another state_path")
+        if tuple(saved["codes"].shape) != tuple(self.codes.shape):
+            raise ValueError(f"state_path {self.path}: its codes have shape {list(saved['codes'].shape)}, expected "
+                             f"{list(self.codes.shape)}")
+        self.codes, self.clean = saved["codes"].to(torch.int16), saved["clean"]
+        self.done = {tuple(p) for p in saved["done"]}
+        self.resumed = True
+        log.info("autoattack: resuming from %s (%d attack runs finished)", self.path, len(self.done))
+
+    def save(self) -> None:
+        """The settings, clean results, codes and finished attacks, atomically (main process only)."""
+        if self.path is None or not self.main:
+            return
+        _save(self.path / STATE_FILE, {"settings": json.dumps(self.settings, sort_keys=True), "codes": self.codes,
+                                       "clean": self.clean, "done": sorted(self.done)})
+
+    def _chunk(self, j: int, i: int, k: int) -> Path:
+        return self.path / CHUNK_DIR / f"e{j}_a{i}_c{k}.pt"
+
+    def load_chunk(self, j: int, i: int, k: int, points: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
+        """``(fooled mask, x_adv of the fooled points)`` of a finished chunk, or None (not run, or its file
+        is for other points)."""
+        if self.path is None:
+            return None
+        file = self._chunk(j, i, k)
+        if not file.is_file():
+            return None
+        rec = torch.load(file, weights_only=True)
+        if not torch.equal(rec["points"], points):
+            log.warning("autoattack: %s holds other points than this chunk: recomputing it", file)
+            return None
+        return rec["fooled"], rec["x_adv"]
+
+    def save_chunk(self, j: int, i: int, k: int, points, fooled, x_adv) -> None:
+        if self.path is not None:
+            self._chunk(j, i, k).parent.mkdir(parents=True, exist_ok=True)
+            _save(self._chunk(j, i, k), {"points": points, "fooled": fooled, "x_adv": x_adv})
+
+    def saved_adversarial(self, j: int, i: int):
+        """Every saved chunk of (ε ``j``, attack ``i``) as ``(fooled points, their x_adv)``."""
+        if self.path is None:
+            return
+        for file in sorted((self.path / CHUNK_DIR).glob(f"e{j}_a{i}_c*.pt")):
+            rec = torch.load(file, weights_only=True)
+            yield rec["points"][rec["fooled"]], rec["x_adv"]
