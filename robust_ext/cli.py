@@ -250,6 +250,20 @@ def cmd_evaluate(args) -> int:
     check_out_dir(args.out)
     ds = _load_data(args.data, args.data_dir, args.split, args.n)
     model = _load_model(args.model, ds[0])
+    if args.attacks.strip() == "autoattack":
+        import torch.distributed as dist
+
+        from .evaluation import autoattack
+
+        aa = autoattack(model, ds, eps=args.eps, norm=args.norm, version=args.version, fuse=args.fuse, seed=args.seed,
+                        progress=_progress(args), model_name=Path(args.model).name, data_name=args.data,
+                        state_path=args.out, return_adversarial=False)
+        if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
+            return 0  # one report, written by rank 0
+        aa.to_json(Path(args.out) / "autoattack.json")
+        print(aa.summary())
+        print(f"\nwrote {args.out}/autoattack.json (resumable from {args.out}/autoattack_state.pt and chunks/)")
+        return 0
     specs = []
     for name in args.attacks.split(","):
         try:
@@ -344,7 +358,10 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--batch-size", type=int, default=256)
         else:
             a.add_argument("--attacks", default="fgsm,pgd", help=f"comma-separated, of {', '.join(ATTACKS)} "
-                           "(default: fgsm,pgd)")
+                           "(default: fgsm,pgd); or autoattack: the AutoAttack ensemble (see --version), resumable "
+                           "from --out")
+            a.add_argument("--version", default="standard", choices=("standard", "plus", "rand"),
+                           help="AutoAttack's version with --attacks autoattack (default: standard)")
             a.add_argument("--eps", type=_floats, default=[0.05, 0.1, 0.2, 0.3],
                            help="comma-separated budgets, e.g. 2/255,4/255,8/255 (default: 0.05,0.1,0.2,0.3)")
             a.add_argument("--no-min-eps", action="store_true", help="skip the per-sample minimal eps bisection")

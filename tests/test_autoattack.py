@@ -30,17 +30,9 @@ from robust_ext.evaluation.autoattack_state import CHUNK_DIR, STATE_FILE
 WORKER = str(Path(__file__).with_name("_autoattack_worker.py"))
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Bit-identical results across processes need the same thread count."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 @pytest.fixture(scope="module")
-def setup():
+def setup(one_thread):
+    """One thread, as the workers: bit-identical results across processes need the same thread count."""
     return worker.case()
 
 

@@ -100,7 +100,8 @@ def _settings(version: str, label: str, kind: str, wanted: dict) -> dict:
 def _named(version: str, label: str, settings: dict, amp) -> AttackSpec:
     kind, fixed = ORIGINAL_NAMES.get(label, (label, {}))
     if kind not in ATTACKS:
-        raise ValueError(f"version {version!r} needs the attack {kind!r} ({label}), which is not registered; "
+        what = repr(kind) if label == kind else f"{kind!r} ({label})"
+        raise ValueError(f"version {version!r} needs the attack {what}, which is not registered; "
                          f"registered: {', '.join(ATTACKS)}")
     wanted = {**fixed, **settings}
     eot = wanted.pop("eot", None)
