@@ -168,6 +168,16 @@ def test_full_precision_decides_and_outside_the_ball_does_not_count(setup):
     assert amp.config["attacks"][0]["params"]["amp"] is True
 
 
+def test_l2_ensemble_stays_in_the_l2_ball(setup):
+    _, x, _ = setup
+    r = run(setup, [make_attack("apgd", steps=5), make_attack("apgd_t", steps=5, n_target_classes=2)], eps=[0.5],
+            norm="l2", max_samples=32)
+    assert r.config["norm"] == "l2" and r.robustbench()["threat_model"] == "L2"
+    fooled = torch.tensor([f not in (None, "clean") for f in r.fooled_by[0]])
+    delta = (r.x_adv[0.5] - x[:32]).flatten(1)
+    assert fooled.any() and delta.norm(dim=1).max() <= 0.5 + 1e-5 and delta.abs().max() > 0.1
+
+
 # ------------------------------------------------------------------------------------------ resume
 def test_resume_after_sigkill_equals_an_uninterrupted_run(setup, reference, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(WORKER).parent), OMP_NUM_THREADS="1")
