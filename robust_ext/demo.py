@@ -71,6 +71,23 @@ def scored_checkpoint(model: torch.nn.Module, result, out: Path) -> Path:
     return save_checkpoint(out / "scored.pt", model)
 
 
+def _plot_comparison(models, test_set, steps: int, amp, path: Path, n: int = 8, pool: int = 256):
+    """The same digits under the demo's BIM on both models: the standard model fooled and the robust one
+    resisting where such digits exist among the first ``pool`` (others fill the row)."""
+    from .evaluation.plots import plot_model_comparison
+    from .evaluation.runner import showing_examples
+
+    x, y = next(iter(torch.utils.data.DataLoader(test_set, batch_size=pool)))
+    bim = _attacks(steps, amp)[1]
+    adv = {name: bim(model, x, y, DEMO_EPS) for name, model in models.items()}
+    with torch.no_grad():
+        robust_ok = models["robust"](adv["robust"]).argmax(1) == y
+    # Fooled on the standard model, among the digits the robust model keeps.
+    pick = showing_examples(models["standard"], x, y, torch.where(robust_ok.view(-1, 1, 1, 1), adv["standard"], x), n)
+    plot_model_comparison(models, x[pick], y[pick], {k: v[pick] for k, v in adv.items()}, path,
+                          title=f"the same digits under BIM (eps = {DEMO_EPS}, alpha = 0.01, {steps} steps)")
+
+
 def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test: Optional[int] = None,
              steps: int = 20, curve: Sequence[float] = DEMO_CURVE, amp=True, seed: int = 0,
              progress: bool = True, data_dir=None) -> Dict[str, Any]:
@@ -81,8 +98,8 @@ def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test
 
     Writes into ``out_dir``: ``standard/`` and ``robust/`` (checkpoints ``best.pt``/``last.pt``, metrics
     log, training curves), ``standard_report.json``/``robust_report.json`` (full evaluations),
-    ``accuracy_vs_eps.png`` (both models), ``adversarial_examples.png`` and ``pgd_probabilities.png`` (the
-    robust model), and ``demo.json`` (the summary table, timings, and which targets held).
+    ``accuracy_vs_eps.png`` (both models), ``standard_vs_robust.png`` (the same digits attacked on both),
+    ``adversarial_examples.png`` and ``pgd_probabilities.png`` (the robust model), and ``demo.json`` (the summary table, timings, and which targets held).
     """
     t0 = time.perf_counter()
     out = Path(out_dir)
@@ -96,12 +113,13 @@ def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test
                                           "robust_ext": __version__, "torch": torch.__version__,
                                           "backend": backend(), "threads": torch.get_num_threads()},
                                "models": {}, "timing_s": {}}
-    reports = {}
+    reports, trained = {}, {}
     for name, method in (("standard", "standard"), ("robust", "fgsm_rs")):
         t = time.perf_counter()
         model, result = _train_one(method, out / name, train_set, test_set, epochs=epochs, eps=DEMO_EPS, amp=amp,
                                    seed=seed, progress=progress)
         summary["timing_s"][f"train_{name}"] = round(time.perf_counter() - t, 1)
+        trained[name] = model
         t = time.perf_counter()
         report = evaluate(model, test_set, _attacks(steps, amp), eps=eps_grid, min_eps=False, seed=seed,
                           progress=progress, model_name=f"{name} CNN", data_name="mnist5k test",
@@ -120,6 +138,7 @@ def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test
 
     plot_accuracy_curves({n: r for n, r in reports.items()}, out / "accuracy_vs_eps.png",
                          title="MNIST (5,000 real digits): standard vs FGSM-RS robust CNN")
+    _plot_comparison(trained, test_set, steps, amp, out / "standard_vs_robust.png")
     std, rob = summary["models"]["standard"], summary["models"]["robust"]
     checks = {"standard_clean": std["clean"], "robust_clean": rob["clean"], "robust_bim_0.1": rob["bim"][DEMO_EPS]}
     if 0.15 in rob["bim"]:

@@ -17,6 +17,7 @@ from ._inputs import eval_mode, predict
 
 PathLike = Union[str, "os.PathLike[str]"]
 _LINESTYLES = ("-", "--", ":", "-.")
+_MARKERS = ("o", "s", "^", "D", "v", "P")
 _GREEN, _RED = "#1a7f37", "#cf222e"
 
 
@@ -37,7 +38,7 @@ def plot_accuracy_curves(reports, path: PathLike, *, title: Optional[str] = None
         reports = {r.config.get("model", {}).get("name", f"model {i}"): r for i, r in enumerate(reports)}
     if not reports:
         raise ValueError("plot_accuracy_curves needs at least one report")
-    fig = Figure(figsize=(7, 4.5))
+    fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
     colors: Dict[str, str] = {}
     palette = [f"C{i}" for i in range(10)]
@@ -45,22 +46,28 @@ def plot_accuracy_curves(reports, path: PathLike, *, title: Optional[str] = None
         curves = dict((name, a["accuracy"]) for name, a in r.attacks.items())
         if r.worst_case:
             curves["worst case"] = r.worst_case["accuracy"]
-        for name, acc in curves.items():
-            color = colors.setdefault(name, "black" if name == "worst case" else palette[len(colors) % 10])
+        for j, (name, acc) in enumerate(curves.items()):
+            worst = name == "worst case"
+            color = colors.setdefault(name, "black" if worst else palette[len(colors) % 10])
             eps, acc = list(r.eps), list(acc)
             if eps[0] > 0:
                 eps, acc = [0.0] + eps, [r.clean_accuracy] + acc
             label = name if len(reports) == 1 else f"{model}: {name}"
-            ax.plot(eps, acc, marker="o", markersize=3, color=color, linestyle=_LINESTYLES[k % 4], label=label)
+            # The worst case is a wide pale band under the attacks' lines: where an attack is the worst case
+            # its line runs inside the band instead of being hidden by it.
+            style = (dict(linewidth=6, alpha=0.25, zorder=1, solid_capstyle="round") if worst else
+                     dict(linewidth=1.6, marker=_MARKERS[j % len(_MARKERS)], markersize=5, zorder=3))
+            ax.plot(eps, acc, color=color, linestyle="-" if worst else _LINESTYLES[k % 4], label=label, **style)
     first = next(iter(reports.values()))
     target = first.config.get("target_accuracy")
     if target is not None:
-        ax.axhline(target, color="grey", linestyle="--", linewidth=0.8, label=f"target {target:.0%}")
+        ax.axhline(target, color="grey", linestyle="--", linewidth=1, zorder=2,
+                   label=f"target: {target:.0%} robust accuracy (margin)")
     ax.set_xlabel(f"eps ({norm_label(first.config.get('norm', 'linf'))})")
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    ax.legend(fontsize=9, framealpha=0.9)
     ax.set_title(title or f"robust accuracy vs eps ({first.n_samples} samples of "
                           f"{first.config.get('data', {}).get('name', 'data')})")
     fig.tight_layout()
@@ -122,6 +129,40 @@ def plot_adversarial_examples(model, x: torch.Tensor, y: torch.Tensor, x_adv: to
                              color=_GREEN if ok else _RED, fontsize=8)
     for r, name in enumerate(("clean", f"delta (x{1 / scale:.3g})" if scale > 0 else "delta (0)", "adversarial")):
         axes[r][0].set_ylabel(name, fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return _save(fig, path)
+
+
+def plot_model_comparison(models: Mapping[str, torch.nn.Module], x: torch.Tensor, y: torch.Tensor,
+                          x_adv: Mapping[str, torch.Tensor], path: PathLike, *,
+                          classes: Optional[Sequence[str]] = None, title: Optional[str] = None,
+                          clip_min: float = 0.0, clip_max: float = 1.0) -> Path:
+    """The same images attacked on several models: the clean images (top row), then each model's adversarial
+    image with that model's prediction (green when correct, red when fooled), one row per model."""
+    n = x.shape[0]
+    if n == 0 or not models:
+        raise ValueError("plot_model_comparison needs at least one image and one model")
+    fig = Figure(figsize=(1.5 * n + 1.6, 1.7 * (len(models) + 1) + 0.4))
+    axes = fig.subplots(len(models) + 1, n, squeeze=False)
+    rows = [("clean", None, x)] + [(name, model, x_adv[name]) for name, model in models.items()]
+    for r, (name, model, images) in enumerate(rows):
+        pred = None
+        if model is not None:
+            with eval_mode(model):
+                pred = predict(model, images.to(x.device)).cpu()
+        for i in range(n):
+            ax = axes[r][i]
+            ax.imshow(_image(images[i], clip_min, clip_max), cmap="gray", vmin=0, vmax=1, interpolation="nearest")
+            ax.set_xticks([])
+            ax.set_yticks([])
+            if pred is None:
+                ax.set_title(f"label {_label(int(y[i]), classes)}", fontsize=9)
+            else:
+                ok = int(pred[i]) == int(y[i])
+                ax.set_title(f"pred {_label(int(pred[i]), classes)}", color=_GREEN if ok else _RED, fontsize=9)
+        axes[r][0].set_ylabel(name, fontsize=9)
     if title:
         fig.suptitle(title, fontsize=10)
     fig.tight_layout()

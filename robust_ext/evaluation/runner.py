@@ -14,7 +14,7 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import backend
-from ..attacks.threats import get_threat
+from ..attacks.threats import get_threat, norm_label
 from . import metrics
 from ._inputs import (as_batches, check_eps, check_eps_grid, check_seed, eval_mode, generator, logits_of, model_info,
                       nonfinite_message, nonfinite_rows, predict, resolve_device, rng_devices)
@@ -26,6 +26,9 @@ from .report import Report
 from .specs import make_attack, resolve_attacks
 
 log = logging.getLogger(__name__)
+
+# The plots pick their examples among this many first samples: fooled ones first, so that they show something.
+EXAMPLE_POOL = 64
 
 # Keys of the independent random streams (see _inputs.generator); attack i at grid point j uses (0, i, j).
 _ATTACK, _MIN_EPS, _LARGE_EPS, _EXAMPLES = 0, 1, 2, 3
@@ -176,7 +179,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
         for x, y in tqdm(_working_batches(batches, model, dev, batch_size, work), total=batches.num_batches,
                          desc="evaluate", disable=not progress, leave=False):
             if examples is None:
-                examples = (x[:n_examples], y[:n_examples])
+                examples = (x[:max(EXAMPLE_POOL, n_examples)], y[:max(EXAMPLE_POOL, n_examples)])
                 big = _large_eps(large_eps, clip_min, clip_max, threat, x[0].numel() if len(x) else 0)
                 big_pgd = _large_eps_spec(pgd, big)
                 reuse_big = (big is not None and any(s is big_pgd for s in specs)
@@ -277,7 +280,7 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
                     warnings=issues + masking, timing=timing)
     if plot_dir is not None:
         t = time.perf_counter()
-        report.plots = _write_plots(report, model, examples, pgd, Path(plot_dir),
+        report.plots = _write_plots(report, model, examples, n_examples, pgd, Path(plot_dir),
                                     grid[len(grid) // 2] if example_eps is None else example_eps,
                                     clip_min, clip_max, generator(seed, _EXAMPLES), threat)
         timing["plots_s"] = time.perf_counter() - t
@@ -287,23 +290,35 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
     return report
 
 
-def _write_plots(report, model, examples, pgd, out: Path, eps, clip_min, clip_max, gen, threat) -> list:
+def showing_examples(model, x, y, x_adv, n: int) -> torch.Tensor:
+    """Indices of ``n`` samples that make a plot's point: correct and fooled first, then correct and robust,
+    then the rest, each group in data order."""
+    with torch.no_grad():
+        clean, adv = predict(model, x) == y, predict(model, x_adv) == y
+    order = torch.cat([(clean & ~adv).nonzero(), (clean & adv).nonzero(), (~clean).nonzero()]).squeeze(1)
+    return order[:n].to(x.device)
+
+
+def _write_plots(report, model, examples, n, pgd, out: Path, eps, clip_min, clip_max, gen, threat) -> list:
     from . import plots  # matplotlib only when plots are asked for
     from .trajectory import pgd_trajectory
 
     out.mkdir(parents=True, exist_ok=True)
     x, y = examples
     eps = check_eps(eps, "example_eps")
-    start = gen.get_state()  # both plots follow the same run: the same random start
     with eval_mode(model):
         x_adv = pgd(model, x, y, eps, norm=threat, clip_min=clip_min, clip_max=clip_max, generator=gen)
-    gen.set_state(start)
+        pick = showing_examples(model, x, y, x_adv, n)
+    x, y, x_adv = (t.index_select(0, pick) for t in (x, y, x_adv))
     probs, _ = pgd_trajectory(model, x, y, eps=eps, alpha=pgd.params.get("alpha"), steps=pgd.params.get("steps", 10),
                               random_start=pgd.params.get("random_start", True), clip_min=clip_min,
                               clip_max=clip_max, generator=gen, norm=threat)
+    name = report.config["model"]["name"]
+    where = f"eps = {eps:.4g} ({norm_label(threat.name)})"
     paths = [plots.plot_accuracy_curves(report, out / "accuracy_vs_eps.png"),
              plots.plot_adversarial_examples(model, x, y, x_adv, out / "adversarial_examples.png",
-                                             title=f"{pgd.name}, eps = {eps:.4g} ({threat.name})", clip_min=clip_min, clip_max=clip_max),
+                                             title=f"{name} under {pgd.name}, {where}", clip_min=clip_min,
+                                             clip_max=clip_max),
              plots.plot_class_probabilities(probs, y, out / "pgd_probabilities.png",
-                                            title=f"class probabilities along PGD, eps = {eps:.4g} ({threat.name})")]
+                                            title=f"{name}: class probabilities along {pgd.name}, {where}")]
     return [str(p) for p in paths]
