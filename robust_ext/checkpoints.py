@@ -86,25 +86,45 @@ MAX_CHECKPOINT_BYTES = 1 << 32
 _MAX_INFLATION = 8
 
 
-def _check_archive(path: Path, max_bytes: int) -> None:
+def check_archive(path: Path, max_bytes: int, max_inflation: int = _MAX_INFLATION, what: str = "torch checkpoint",
+                  writer: str = "torch.save") -> None:
+    """Bound what a zip archive (torch.save's, numpy's .npz, torch.export's .pt2) may make its reader allocate:
+    its entries' declared sizes, at most ``max_bytes`` and ``max_inflation`` times the file's size + 1 MiB."""
     size = path.stat().st_size
     try:
         with zipfile.ZipFile(path) as archive:
             declared = sum(info.file_size for info in archive.infolist())
     except (zipfile.BadZipFile, zipfile.LargeZipFile, ValueError, EOFError, NotImplementedError) as e:
-        raise ValueError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): not the zip archive "
-                         f"torch.save writes: {e}") from None
-    bound = min(max_bytes, _MAX_INFLATION * size + (1 << 20))
+        raise ValueError(f"{path}: not a readable {what} (corrupt or truncated?): not the zip archive "
+                         f"{writer} writes: {e}") from None
+    bound = min(max_bytes, max_inflation * size + (1 << 20))
     if declared > bound:
-        raise ValueError(f"{path}: its zip entries declare {declared:,} bytes, more than {bound:,} ({_MAX_INFLATION}x "
+        raise ValueError(f"{path}: its zip entries declare {declared:,} bytes, more than {bound:,} ({max_inflation}x "
                          f"the file's {size:,} bytes + 1 MiB, at most {max_bytes:,}): a decompression bomb, or a "
-                         "checkpoint larger than load_checkpoint(max_bytes=...) allows")
+                         f"{what} larger than max_bytes allows")
 
 
 def _torch_reason(error: BaseException) -> str:
     lines = [line.strip() for line in str(error).splitlines() if line.strip()]
     key = [line for line in lines if "unsupported" in line.lower() or "failed reading" in line.lower()]
     return "; ".join(key) or (lines[-1] if lines else type(error).__name__)
+
+
+def read_torch_file(path: PathLike, map_location: Any = "cpu", max_bytes: int = MAX_CHECKPOINT_BYTES,
+                    what: str = "torch checkpoint") -> Any:
+    """``torch.load(path, weights_only=True)`` of an untrusted file, its archive bounded first (see
+    :func:`check_archive`). FileNotFoundError when missing, ValueError naming the file for anything else."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} {path} does not exist")
+    check_archive(path, max_bytes, what=what)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        raise ValueError(f"{path}: refused by torch.load(weights_only=True), so it is not a plain {what} "
+                         f"(corrupt, or it holds arbitrary pickled objects): {_torch_reason(e)}") from e
+    except Exception as e:  # a damaged file fails in many ways (RuntimeError, EOFError, KeyError, ...)
+        raise ValueError(f"{path}: not a readable {what} (corrupt or truncated?): {_torch_reason(e)}") from e
 
 
 def load_checkpoint(path: PathLike, map_location: Any = "cpu", max_bytes: int = MAX_CHECKPOINT_BYTES) -> Dict[str, Any]:
@@ -116,16 +136,7 @@ def load_checkpoint(path: PathLike, map_location: Any = "cpu", max_bytes: int = 
     the file's size), so a small file cannot make it allocate gigabytes.
     """
     path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"checkpoint {path} does not exist")
-    _check_archive(path, max_bytes)
-    try:
-        checkpoint = torch.load(path, map_location=map_location, weights_only=True)
-    except pickle.UnpicklingError as e:
-        raise ValueError(f"{path}: refused by torch.load(weights_only=True), so it is not a plain checkpoint "
-                         f"(corrupt, or it holds arbitrary pickled objects): {_torch_reason(e)}") from e
-    except Exception as e:  # a damaged file fails in many ways (RuntimeError, EOFError, KeyError, ...)
-        raise ValueError(f"{path}: not a readable torch checkpoint (corrupt or truncated?): {_torch_reason(e)}") from e
+    checkpoint = read_torch_file(path, map_location, max_bytes)
     if not isinstance(checkpoint, dict) or not {"arch", "config", "state_dict"} <= checkpoint.keys():
         found = sorted(map(str, checkpoint)) if isinstance(checkpoint, dict) else type(checkpoint).__name__
         hint = ""
@@ -249,7 +260,7 @@ def load_model(path: PathLike, map_location: Any = "cpu", max_bytes: int = MAX_C
     checkpoint = load_checkpoint(path, map_location, max_bytes)
     arch, config = checkpoint["arch"], checkpoint["config"]
     registry = _registry()
-    if arch not in registry.available_models():
+    if arch != registry.FACTORY and arch not in registry.available_models():
         raise ValueError(f"{path}: unknown architecture {arch!r}; registered: {', '.join(registry.available_models())}")
     _check_config(path, config)
     _check_fits(path, arch, config, checkpoint["state_dict"])
@@ -264,3 +275,63 @@ def load_model(path: PathLike, map_location: Any = "cpu", max_bytes: int = MAX_C
     if isinstance(map_location, (str, torch.device)):
         model.to(map_location)
     return model.eval()
+
+
+def load_weights(model: nn.Module, path: PathLike, max_bytes: int = MAX_CHECKPOINT_BYTES) -> nn.Module:
+    """Load the weights in ``path`` into ``model`` (a model of the user's own, e.g. :func:`models.from_factory`).
+
+    ``path`` holds a bare state_dict (``torch.save(model.state_dict(), path)``) or a checkpoint of
+    :func:`save_checkpoint` (its ``state_dict``). Read like a checkpoint (bounded archive,
+    ``torch.load(weights_only=True)``); keys and shapes are compared with the model's before anything is
+    copied: RuntimeError naming the file and the differences. A :class:`models.Normalized` model takes the
+    weights of its network alone, or of itself when they hold the same ``mean`` and ``std``. Returns ``model``
+    in eval mode.
+    """
+    path = Path(path)
+    data = read_torch_file(path, max_bytes=max_bytes, what="weights file")
+    state = data.get("state_dict") if isinstance(data, dict) and "state_dict" in data else data
+    if not isinstance(state, dict) or not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(f"{path}: expected a state_dict (a dict of tensors) or a robust_ext checkpoint, found "
+                         f"{type(state).__name__}")
+    target = model
+    if isinstance(model, _registry().Normalized):
+        if not {"mean", "std"} & state.keys():  # the network's weights; the normalization is the wrapper's
+            target = model.model
+        elif {"mean", "std"} <= state.keys() and not (
+                state["mean"].shape == model.mean.shape and torch.allclose(state["mean"].float(), model.mean)
+                and state["std"].shape == model.std.shape and torch.allclose(state["std"].float(), model.std)):
+            def values(t):
+                return [round(v, 6) for v in t.flatten().tolist()]
+            raise RuntimeError(f"{path}: the weights were trained with mean {values(state['mean'])} and std "
+                               f"{values(state['std'])}, the model normalizes with mean {values(model.mean)} and std "
+                               f"{values(model.std)}")
+    details = _mismatch(state, target.state_dict())
+    if details:
+        hint = (" (the weights hold a normalization: wrap the model in models.Normalized, CLI: --mean/--std)"
+                if {"mean", "std"} <= state.keys() and not {"mean", "std"} <= target.state_dict().keys() else "")
+        raise RuntimeError(f"{path}: the weights do not fit the model: {details}{hint}")
+    target.load_state_dict(state, strict=True)
+    return model.eval()
+
+
+# torch.export writes weights uncompressed; its JSON graph deflates well, but far less than this.
+_EXPORT_INFLATION = 64
+
+
+def load_exported(path: PathLike, max_bytes: int = MAX_CHECKPOINT_BYTES) -> nn.Module:
+    """The model of a ``torch.export.save`` archive (``.pt2``): ``torch.export.load(path).module()`` wrapped in
+    :class:`models.ExportedModel`, in eval mode.
+
+    Trust the file as you would code: ``torch.export.load`` unpickles parts of the archive (with
+    ``weights_only=False`` where its first attempt fails), which :func:`load_model`'s checkpoints never need.
+    The archive's declared sizes are bounded first; any failure is a ValueError naming the file.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"exported program {path} does not exist")
+    check_archive(path, max_bytes, _EXPORT_INFLATION, what="torch.export archive", writer="torch.export.save")
+    try:
+        program = torch.export.load(path)
+    except Exception as e:
+        raise ValueError(f"{path}: not a readable torch.export archive: {type(e).__name__}: {_torch_reason(e)}") from e
+    return _registry().ExportedModel(program.module()).eval()

@@ -58,13 +58,31 @@ def _amp(text: str):
     return choices[text]
 
 
-def _load_data(name: str, data_dir: Optional[str], split: str, n: Optional[int]):
+def _finite_list(text: str) -> List[float]:
+    try:
+        values = [float(v) for v in text.split(",") if v.strip()]
+    except ValueError:
+        values = []
+    if not values or not all(math.isfinite(v) for v in values):
+        raise argparse.ArgumentTypeError(f"expected comma-separated finite numbers such as 0.49,0.48,0.45, got {text!r}")
+    return values
+
+
+def _load_data(args, split: Optional[str]):
+    """--data (a built-in set, file:PATH or folder:DIR) in its --split, checked against --clip-min/--clip-max;
+    -n keeps the first N."""
     import torch
 
     from .data import load_dataset
+    from .own_data import own_source
 
+    name, n = args.data, getattr(args, "n", None)
+    if not (math.isfinite(args.clip_min) and math.isfinite(args.clip_max) and args.clip_min < args.clip_max):
+        raise UsageError(f"--clip-min must be below --clip-max (both finite), got {args.clip_min} and {args.clip_max}")
+    if split is None:  # the default depends on --data: all of your own file, the test split of a built-in set
+        split = args.split = "all" if own_source(name) else "test"
     try:
-        ds = load_dataset(name, data_dir=data_dir, split=split)
+        ds = load_dataset(name, data_dir=args.data_dir, split=split, clip_min=args.clip_min, clip_max=args.clip_max)
     except (ValueError, FileNotFoundError, ModuleNotFoundError) as e:
         raise UsageError(f"--data {name}: {e}") from None
     if n is not None:
@@ -74,28 +92,86 @@ def _load_data(name: str, data_dir: Optional[str], split: str, n: Optional[int])
     return ds
 
 
-def _load_model(path: str, sample):
-    """The checkpoint's model, checked against one sample of the data."""
+def _factory_model(args):
+    """--model-factory's model (with --weights if given), normalized by --mean/--std when given."""
+    import os
+
+    from .checkpoints import load_weights
+    from .models import from_factory
+
+    if os.getcwd() not in sys.path:  # a factory of the directory the command runs in, as `python -m` finds it
+        sys.path.insert(0, os.getcwd())
+    try:
+        model = _normalized(from_factory(args.model_factory), args)
+    except ValueError as e:
+        raise UsageError(f"--model-factory {args.model_factory}: {e}") from None
+    if args.weights is not None:
+        if not Path(args.weights).is_file():
+            raise UsageError(f"--weights {args.weights}: no such file")
+        try:
+            load_weights(model, args.weights)
+        except (ValueError, RuntimeError) as e:
+            raise UsageError(f"--weights {args.weights}: {e}") from None
+    return model
+
+
+def _normalized(model, args):
+    from .models import Normalized
+
+    if (args.mean is None) != (args.std is None):
+        raise UsageError("--mean and --std go together: give both or neither")
+    if args.mean is None:
+        return model
+    try:
+        return Normalized(model, args.mean, args.std)
+    except ValueError as e:
+        raise UsageError(f"--mean/--std: {e}") from None
+
+
+def _check_model(model, ds, flag: str):
+    """The model takes the data's images and returns logits for every class its labels hold."""
     import torch
 
-    from .models import load_model
+    from .models import Normalized
 
-    if not Path(path).is_file():
-        raise UsageError(f"--model {path}: no such file")
-    try:
-        model = load_model(path)
-    except (ValueError, RuntimeError) as e:
-        raise UsageError(f"--model {path}: {e}") from None
-    x = sample[0].unsqueeze(0)
+    x, labels = ds[0][0].unsqueeze(0), ds.tensors[1]
+    if isinstance(model, Normalized) and model.mean.numel() not in (1, x.shape[1]):
+        raise UsageError(f"--mean/--std: {model.mean.numel()} values, but the images have {x.shape[1]} channel(s)")
     try:
         with torch.no_grad():
             out = model(x)
     except Exception as e:  # the architecture refuses these images (channels, size)
-        raise UsageError(f"--model {path}: the checkpoint's model does not accept this data set's images "
+        raise UsageError(f"{flag}: the model does not accept this data set's images "
                          f"(shape {list(x.shape[1:])}): {e}") from None
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise UsageError(f"--model {path}: the model does not return [N, classes] logits")
+        raise UsageError(f"{flag}: the model does not return [N, classes] logits")
+    if out.shape[1] <= int(labels.max()):
+        raise UsageError(f"{flag}: the model returns {out.shape[1]} logits, the data's labels go up to "
+                         f"{int(labels.max())}")
     return model
+
+
+def _load_model(args, ds):
+    """--model (a checkpoint, or a torch.export .pt2 archive) or --model-factory [--weights], normalized by
+    --mean/--std when given, checked against the data."""
+    from .checkpoints import load_exported
+    from .models import load_model
+
+    path = args.model
+    if (path is None) == (args.model_factory is None):
+        raise UsageError("--model and --model-factory exclude each other" if path is not None else
+                         "give --model FILE (a checkpoint or a torch.export .pt2) or --model-factory pkg.module:function")
+    if path is None:
+        return _check_model(_factory_model(args), ds, "--model-factory")
+    if args.weights is not None:
+        raise UsageError("--weights goes with --model-factory (a --model file holds its weights)")
+    if not Path(path).is_file():
+        raise UsageError(f"--model {path}: no such file")
+    try:
+        model = load_exported(path) if Path(path).suffix == ".pt2" else load_model(path)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--model {path}: {e}") from None
+    return _check_model(_normalized(model, args), ds, f"--model {path}")
 
 
 def _holding_out(command):
@@ -155,27 +231,35 @@ def cmd_train(args) -> int:
     from .models import available_models, build_model
     from .training import train
 
-    if args.arch not in available_models():
-        raise UsageError(f"--arch {args.arch!r} is unknown; known: {', '.join(available_models())}")
+    if args.model_factory is not None and args.arch is not None:
+        raise UsageError("--arch and --model-factory exclude each other")
+    if args.weights is not None and args.model_factory is None:
+        raise UsageError("--weights goes with --model-factory (initial weights of your own model)")
+    arch = args.arch or "small_cnn"
+    if args.model_factory is None and arch not in available_models():
+        raise UsageError(f"--arch {arch!r} is unknown; known: {', '.join(available_models())}")
     check_out_dir(args.out)
-    train_set = _load_data(args.data, args.data_dir, "train", None)
-    test_set = _load_data(args.data, args.data_dir, "test", None)
+    train_set = _load_data(args, "train")
+    test_set = _load_data(args, "test")
     channels, height, width = train_set[0][0].shape
     # mnist-idx counts classes per split (up to the largest label): the model needs the larger count
     config = {"in_channels": channels, "num_classes": max(train_set.num_classes, test_set.num_classes)}
-    if args.arch == "small_cnn":
+    if arch == "small_cnn":
         config["input_size"] = [height, width]
-    try:
-        with torch.random.fork_rng(devices=[]):  # --seed decides the initial weights too
-            torch.manual_seed(args.seed)
-            model = build_model(args.arch, **config)
-    except (ValueError, TypeError) as e:
-        raise UsageError(f"--arch {args.arch} cannot take the {channels}x{height}x{width} images of --data "
-                         f"{args.data}: {e}") from None
+    with torch.random.fork_rng(devices=[]):  # --seed decides the initial weights too
+        torch.manual_seed(args.seed)
+        if args.model_factory is not None:
+            model = _check_model(_factory_model(args), train_set, "--model-factory")
+        else:
+            try:
+                model = _normalized(build_model(arch, **config), args)
+            except (ValueError, TypeError) as e:
+                raise UsageError(f"--arch {arch} cannot take the {channels}x{height}x{width} images of --data "
+                                 f"{args.data}: {e}") from None
     try:
         result = train(model, train_set, test_set, method=args.method, norm=args.norm, fuse=args.fuse, epochs=args.epochs, eps=args.eps,
                        lr=args.lr, batch_size=args.batch_size, amp=args.amp, seed=args.seed, out_dir=args.out,
-                       progress=_progress(args), resume=args.resume)
+                       progress=_progress(args), resume=args.resume, clip_min=args.clip_min, clip_max=args.clip_max)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
     print(json.dumps({"final": result.final, "best": str(result.best_path), "last": str(result.last_path),
@@ -198,8 +282,8 @@ def cmd_attack(args) -> int:
     if args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     out = check_out_dir(args.out)
-    ds = _load_data(args.data, args.data_dir, args.split, args.n)
-    model = _load_model(args.model, ds[0])
+    ds = _load_data(args, args.split)
+    model = _load_model(args, ds)
     if args.fuse:
         from .fuse import fuse
 
@@ -213,7 +297,8 @@ def cmd_attack(args) -> int:
     alpha = entry.alpha(args.eps, params)
 
     def run(xb, yb):
-        return entry(model, xb, yb, args.eps, norm=args.norm, generator=gen, **params)
+        return entry(model, xb, yb, args.eps, norm=args.norm, clip_min=args.clip_min, clip_max=args.clip_max,
+                     generator=gen, **params)
     chunks = []
     from tqdm import tqdm
     for start in tqdm(range(0, len(x), args.batch_size), disable=not _progress(args), desc=args.attack):
@@ -231,7 +316,7 @@ def cmd_attack(args) -> int:
     linf, l2 = perturbation_norms(x_adv, x)
     norms = {"linf_mean": linf.mean().item(), "linf_max": linf.max().item(), "l2_mean": l2.mean().item(),
              "l2_max": l2.max().item()}
-    result = {"model": args.model, "data": args.data, "split": args.split, "n": len(x), "attack": args.attack,
+    result = {"model": args.model or args.model_factory, "data": args.data, "split": args.split, "n": len(x), "attack": args.attack,
               "norm": args.norm, "eps": args.eps, "alpha": alpha, "steps": params.get("steps", 1),
               "clean_accuracy": correct.float().mean().item(), "robust_accuracy": robust.float().mean().item(),
               "success_rate": success_rate(int(correct.sum()), int(robust.sum())), "norms": norms,
@@ -248,8 +333,8 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate, make_attack
 
     check_out_dir(args.out)
-    ds = _load_data(args.data, args.data_dir, args.split, args.n)
-    model = _load_model(args.model, ds[0])
+    ds = _load_data(args, args.split)
+    model = _load_model(args, ds)
     if args.attacks.strip() == "autoattack":
         import torch.distributed as dist
 
@@ -272,8 +357,8 @@ def cmd_evaluate(args) -> int:
         except ValueError as e:
             raise UsageError(f"--attacks: {e}") from None
     report = evaluate(model, ds, specs, eps=args.eps, norm=args.norm, fuse=args.fuse, min_eps=not args.no_min_eps, seed=args.seed,
-                      progress=_progress(args), model_name=Path(args.model).name, data_name=args.data,
-                      plot_dir=args.out)
+                      progress=_progress(args), model_name=Path(args.model).name if args.model else args.model_factory,
+                      data_name=args.data, plot_dir=args.out, clip_min=args.clip_min, clip_max=args.clip_max)
     report.to_json(Path(args.out) / "report.json")
     print(report.summary())
     print(f"\nwrote {args.out}/report.json and plots")
@@ -284,6 +369,24 @@ def _attack_params(name: str):
     from .attacks.registry import ATTACKS
 
     return ATTACKS[name].defaults if name in ATTACKS else {}
+
+
+_DATA_HELP = ("a built-in set (robust-ext info lists them), file:PATH (.npz or .pt with arrays x, y) or "
+              "folder:DIR (images + labels.csv of filename,label) (default: mnist5k)")
+
+
+def _add_own_model_flags(a, train: bool) -> None:
+    """The flags that bring a model of your own, its normalization and its input bounds."""
+    a.add_argument("--model-factory", metavar="PKG.MODULE:FUNCTION",
+                   help="a function returning your nn.Module, importable from the current directory or the Python "
+                   "path" + (" (the model to train, instead of --arch)" if train else " (instead of --model)"))
+    a.add_argument("--weights", help="a state_dict (torch.save(model.state_dict(), F)) or robust_ext checkpoint for "
+                   "--model-factory's model" + (" to start from" if train else ""))
+    a.add_argument("--mean", type=_finite_list, help="per-channel mean, e.g. 0.49,0.48,0.45: the model normalizes "
+                   "its inputs (with --std)")
+    a.add_argument("--std", type=_finite_list, help="per-channel std, e.g. 0.25,0.24,0.26 (with --mean)")
+    a.add_argument("--clip-min", type=float, default=0.0, help="smallest valid input value (default: 0)")
+    a.add_argument("--clip-max", type=float, default=1.0, help="largest valid input value (default: 1)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -316,9 +419,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--seed", type=int, default=0)
 
     tr = sub.add_parser("train", help="train a model (standard, fgsm_rs or pgd) on a data set")
-    tr.add_argument("--data", default="mnist5k")
+    tr.add_argument("--data", default="mnist5k", help=_DATA_HELP)
     tr.add_argument("--data-dir")
-    tr.add_argument("--arch", default="small_cnn")
+    tr.add_argument("--arch", default=None, help="a built-in architecture (default: small_cnn)")
+    _add_own_model_flags(tr, train=True)
     tr.add_argument("--method", default="fgsm_rs", choices=methods(), help="training method (default: fgsm_rs)")
     tr.add_argument("--norm", default="linf", choices=norms, help="threat model of the training attack (default: linf)")
     tr.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
@@ -337,10 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
     for name, help_ in (("attack", "attack a saved model, save the adversarial examples"),
                         ("evaluate", "robustness report of a saved model")):
         a = sub.add_parser(name, help=help_)
-        a.add_argument("--model", required=True, help="checkpoint written by robust-ext train / demo")
-        a.add_argument("--data", default="mnist5k")
+        a.add_argument("--model", help="checkpoint written by robust-ext train / demo, or a torch.export archive "
+                       "(.pt2; loaded with torch.export.load, which unpickles: only files you trust)")
+        _add_own_model_flags(a, train=False)
+        a.add_argument("--data", default="mnist5k", help=_DATA_HELP)
         a.add_argument("--data-dir")
-        a.add_argument("--split", default="test")
+        a.add_argument("--split", default=None, help="train, test or all (default: all of file:/folder: data, "
+                       "else test)")
         a.add_argument("-n", type=int, default=None, help="use the first N samples")
         a.add_argument("--steps", type=int, default=20)
         a.add_argument("--seed", type=int, default=0)

@@ -8,9 +8,18 @@
 - ``"cifar10"``: CIFAR-10 python batches in ``data_dir`` or ``data_dir/cifar-10-batches-py``, official split,
   unpickled through an allow-list so that a crafted file cannot run code.
 - ``"digits"``: scikit-learn's 1,797 8x8 digits; seeded class-stratified train/test split.
+- ``"file:PATH"``: your own images and labels, arrays ``x`` (N x C x H x W or N x H x W; uint8, scaled to
+  [0, 1], or float within the clip bounds) and ``y`` (integer labels 0..K-1) in an ``.npz`` (``np.savez``,
+  read with ``allow_pickle=False``) or a ``.pt`` file (``torch.save({"x": x, "y": y})``, read with
+  ``torch.load(weights_only=True)``); seeded class-stratified train/test split, ``split="all"`` for all of it
+  in the file's order.
+- ``"folder:DIR"``: your own image files (read with Pillow; all of one size, grayscale or RGB) in ``DIR``
+  with ``DIR/labels.csv`` of ``filename,label`` rows (a header row allowed; filenames relative to ``DIR``);
+  split as for ``file:``.
 
 Every set comes as an :class:`ImageDataset`: float32 images in [0, 1] shaped N x C x H x W, int64 labels,
-and its metadata. Normalization belongs in the model (see ``robust_ext.models.Normalized``), so that attacks
+and its metadata. No file is trusted: sizes are bounded before anything is allocated, and no reader can
+run code. Normalization belongs in the model (see ``robust_ext.models.Normalized``), so that attacks
 work in [0, 1] pixel space.
 """
 from __future__ import annotations
@@ -31,6 +40,8 @@ from typing import Dict, Optional, Sequence, Tuple, Union
 import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
+
+from .own_data import own_source, read_own
 
 log = logging.getLogger(__name__)
 PathLike = Union[str, "os.PathLike[str]"]
@@ -364,21 +375,25 @@ def available_datasets() -> Dict[str, Optional[str]]:
 
 
 def load_dataset(name: str = "mnist5k", *, data_dir: Optional[PathLike] = None, split: str = "train",
-                 test_fraction: Optional[float] = None, seed: int = 0) -> ImageDataset:
+                 test_fraction: Optional[float] = None, seed: int = 0, clip_min: float = 0.0,
+                 clip_max: float = 1.0) -> ImageDataset:
     """Load a data set as float32 images in [0, 1] (N x C x H x W) and int64 labels.
 
-    name: one of :data:`DATASETS` (see the module docstring).
+    name: one of :data:`DATASETS`, or ``"file:PATH"`` / ``"folder:DIR"`` for your own data (see the module
+        docstring).
     data_dir: where the files are; required for ``mnist-idx`` and ``cifar10``, optional for ``fashion-mnist``
         and ``mnist5k`` (a directory holding ``mnist_5k.csv.gz``), not accepted for ``digits``.
     split: ``"train"``, ``"test"`` or ``"all"`` (train followed by test).
-    test_fraction, seed: for the sets without an official split (``mnist5k``, ``digits``): a seeded,
+    clip_min, clip_max: the bounds float images of your own must lie in (uint8 images are scaled to [0, 1]).
+    test_fraction, seed: for the sets without an official split (``mnist5k``, ``digits``, your own): a seeded,
         class-stratified split, default fraction 0.2; the same seed always gives the same split and order.
         ``test_fraction`` is refused for the sets with an official split, whose file order is kept.
     Raises ValueError for an unknown name/split or invalid files, FileNotFoundError for missing ones.
     """
-    key = name.lower().replace("_", "-") if isinstance(name, str) else name
-    if key not in DATASETS:
-        raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}")
+    own = own_source(name)
+    key = own[0] if own is not None else name.lower().replace("_", "-") if isinstance(name, str) else name
+    if own is None and key not in DATASETS:
+        raise ValueError(f"unknown data set {name!r}; available: {', '.join(DATASETS)}, file:PATH, folder:DIR")
     if split not in SPLITS:
         raise ValueError(f"split must be one of {SPLITS}, got {split!r}")
     official = key in ("fashion-mnist", "mnist-idx", "cifar10")
@@ -405,7 +420,9 @@ def load_dataset(name: str = "mnist5k", *, data_dir: Optional[PathLike] = None, 
             classes = tuple(str(i) for i in range(int(labels.max()) + 1))
         source = str(directory)
     else:
-        if key == "digits":
+        if own is not None:
+            images, labels, classes, source = read_own(*own, data_dir, clip_min, clip_max)
+        elif key == "digits":
             if data_dir is not None:
                 raise ValueError("digits comes from scikit-learn; data_dir does not apply")
             images, labels = _read_digits()
@@ -414,9 +431,10 @@ def load_dataset(name: str = "mnist5k", *, data_dir: Optional[PathLike] = None, 
             path = mnist5k_path(data_dir)
             images, labels = _read_mnist5k(path)
             source = str(path)
-        train_idx, test_idx = stratified_split(labels, fraction, seed)
-        order = {"train": train_idx, "test": test_idx, "all": np.concatenate([train_idx, test_idx])}[split]
-        images, labels = images[order], labels[order]
+        if own is None or split != "all":  # all of your own data keeps its order
+            train_idx, test_idx = stratified_split(labels, fraction, seed)
+            order = {"train": train_idx, "test": test_idx, "all": np.concatenate([train_idx, test_idx])}[split]
+            images, labels = images[order], labels[order]
     if not len(labels):
         raise ValueError(f"{source}: the {split} split holds no samples")
     if labels.dtype.kind not in "iu" or labels.min() < 0 or labels.max() >= len(classes):

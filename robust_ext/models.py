@@ -4,6 +4,8 @@
 * :class:`PreActResNet`: a small pre-activation ResNet (He et al., "Identity Mappings in Deep Residual
   Networks", ECCV 2016), the usual architecture of CIFAR-10 adversarial training.
 * :class:`Normalized`: ``model((x - mean) / std)``, so attacks work in [0, 1] pixel space.
+* :class:`ExportedModel`: a ``torch.export`` program as a module the attacks can switch to eval mode.
+* :func:`from_factory`: a model of the user's own, built by an importable factory (``"pkg.module:build"``).
 * :func:`build_model`, :func:`register_model`, :func:`model_spec` (how a model was built: what a checkpoint
   records). :func:`save_checkpoint`, :func:`load_checkpoint` and :func:`load_model` live in
   :mod:`robust_ext.checkpoints` and are importable from here too.
@@ -13,7 +15,9 @@ their parameters and inputs only.
 """
 from __future__ import annotations
 
+import importlib
 import math
+import re
 from typing import Any, Callable, Dict, Sequence, Tuple, Union
 
 import torch
@@ -26,6 +30,7 @@ from .checkpoints import FORMAT, MAX_CHECKPOINT_BYTES, load_checkpoint, load_mod
 from .pooling import ReLUMaxPool2d
 
 _REGISTRY: Dict[str, Callable[..., nn.Module]] = {}
+FACTORY = "factory"  # the arch recorded for a model of from_factory; never built from a file
 # The built-in models refuse configs past this many parameters (1 GiB in fp32) before allocating any:
 # far above what they are for (PreActResNet-18: 11 M), far below what exhausts a machine.
 MAX_PARAMETERS = 2 ** 28
@@ -56,7 +61,15 @@ def available_models() -> Tuple[str, ...]:
 
 
 def build_model(name: str, **config: Any) -> nn.Module:
-    """Build the model registered as ``name`` with ``config``; the model remembers both for checkpoints."""
+    """Build the model registered as ``name`` with ``config``; the model remembers both for checkpoints.
+
+    ``"factory"`` (what :func:`from_factory` records) is refused: a checkpoint's config names no code to import.
+    """
+    if name == FACTORY:
+        spec = config.get("factory")
+        raise ValueError(f"the model was built by the factory {spec!r}, and robust_ext imports no code a file "
+                         f"names: rebuild it with models.from_factory({spec!r}) and checkpoints.load_weights "
+                         f"(CLI: --model-factory {spec} --weights FILE)")
     if name not in _REGISTRY:
         raise ValueError(f"unknown model {name!r}; registered: {', '.join(available_models())}")
     model = _REGISTRY[name](**config)
@@ -226,6 +239,71 @@ def _build_normalized(model: Dict[str, Any], mean: Sequence[float], std: Sequenc
     if not isinstance(model, dict) or not isinstance(model.get("arch"), str) or not isinstance(model.get("config"), dict):
         raise ValueError(f"'normalized' needs model={{'arch': name, 'config': {{...}}}}, got {model!r}")
     return Normalized(build_model(model["arch"], **model["config"]), mean, std)
+
+
+class ExportedModel(nn.Module):
+    """The module of a ``torch.export`` program (``ExportedProgram.module()``), callable like any model.
+
+    An exported program is traced in one mode (export it in eval mode) and refuses ``train()``/``eval()``;
+    this wrapper takes those calls for itself, so the attacks' and the evaluation's mode switches work.
+    """
+
+    def __init__(self, module: nn.Module):
+        super().__init__()
+        self.module = module
+
+    def train(self, mode: bool = True) -> "ExportedModel":
+        self.training = mode
+        return self
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.module(x)
+
+
+_FACTORY_SPEC = re.compile(r"^[A-Za-z_]\w*(\.[A-Za-z_]\w*)*:[A-Za-z_]\w*(\.[A-Za-z_]\w*)*$")
+
+
+def import_factory(spec: str) -> Callable[[], nn.Module]:
+    """The callable named by ``"package.module:attribute"`` (the attribute may be dotted: ``mod:Class.make``).
+
+    Imports the module: it runs its code, as any import does. ValueError saying what went wrong otherwise.
+    """
+    if not isinstance(spec, str) or not _FACTORY_SPEC.match(spec):
+        raise ValueError(f"expected an importable factory as package.module:function, got {spec!r}")
+    module_name, _, attribute = spec.partition(":")
+    try:
+        target: Any = importlib.import_module(module_name)
+    except ModuleNotFoundError as e:
+        raise ValueError(f"cannot import {module_name!r}: {e}") from None
+    except Exception as e:  # the module's own code failed
+        raise ValueError(f"importing {module_name!r} raised {type(e).__name__}: {e}") from e
+    for name in attribute.split("."):
+        if not hasattr(target, name):
+            raise ValueError(f"{module_name!r} has no attribute {attribute!r}")
+        target = getattr(target, name)
+    if not callable(target):
+        raise ValueError(f"{attribute!r} in {module_name!r} is a {type(target).__name__}, not callable")
+    return target
+
+
+def from_factory(spec: str) -> nn.Module:
+    """``import_factory(spec)()``: the user's model, recorded as built by ``spec`` for checkpoints.
+
+    A checkpoint of it holds ``arch="factory"``, ``config={"factory": spec}`` and the state_dict;
+    :func:`load_model` does not import what a file names, so rebuild it with ``from_factory(spec)`` and
+    load the weights with :func:`robust_ext.checkpoints.load_weights` (CLI: ``--model-factory spec --weights
+    FILE``). A factory returning a registered model (e.g. :class:`SmallCNN`) keeps that model's own record.
+    """
+    factory = import_factory(spec)
+    try:
+        model = factory()
+    except Exception as e:
+        raise ValueError(f"calling {spec} raised {type(e).__name__}: {e}") from e
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"{spec} returned a {type(model).__name__}, expected a torch.nn.Module")
+    if getattr(model, "arch", None) is None:
+        model.arch, model.arch_config = FACTORY, {"factory": spec}
+    return model
 
 
 def count_parameters(model: nn.Module) -> int:
