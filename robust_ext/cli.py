@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -94,8 +95,6 @@ def _load_data(args, split: Optional[str]):
 
 def _factory_model(args):
     """--model-factory's model (with --weights if given), normalized by --mean/--std when given."""
-    import os
-
     from .checkpoints import load_weights
     from .models import from_factory
 
@@ -175,9 +174,12 @@ def _load_model(args, ds):
 
 
 def _holding_out(command):
-    """Runs ``command`` holding its --out directory: a second robust-ext process on it stops at once."""
+    """Runs ``command`` holding its --out directory: a second robust-ext process on it stops at once. The ranks
+    of one torchrun job share their --out: rank 0 holds it for them."""
     @functools.wraps(command)
     def run(args) -> int:
+        if os.environ.get("RANK", "0") != "0":
+            return command(args)
         with run_dir_lock(args.out):
             return command(args)
     return run

@@ -108,3 +108,11 @@ def test_cli_commands_refuse_a_held_out_before_any_work(held, capsys, argv):
     assert code == 2
     assert err == f"robust-ext: error: --out {out} is in use by another robust-ext process (pid {proc.pid})\n"
     assert sorted(p.name for p in out.iterdir()) == [LOCK_NAME]
+
+
+def test_torchrun_ranks_other_than_0_share_rank_0s_out(held, capsys, monkeypatch):
+    """The ranks of one torchrun job run the same command on the same --out: only rank 0 takes the lock."""
+    out, _ = held
+    monkeypatch.setenv("RANK", "1")
+    code = main(["-q", "attack", "--model", "/nonexistent.pt", "--out", str(out)])
+    assert code == 2 and "--model /nonexistent.pt: no such file" in capsys.readouterr().err
