@@ -18,7 +18,7 @@ def cpu_model() -> str:
 def malloc_in_use() -> str:
     """Which malloc serves this process: a preloaded tcmalloc or jemalloc (seen in /proc/self/maps), else
     the C library's. With glibc's, oneDNN's per-call scratch buffers are page-faulted in again on some
-    calls and not on others (README, "Memory allocator"), which moves fp32 timings by up to 30%."""
+    calls and not on others (docs/performance_tips.md), which moves fp32 timings by up to 30%."""
     try:
         with open("/proc/self/maps") as f:
             maps = f.read()

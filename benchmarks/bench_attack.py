@@ -45,8 +45,8 @@ outside any op (Python; the profiler's own per-op overhead inflates it).
 Allocator: the ``faults`` column counts the minor page faults of one call. Under glibc's malloc
 oneDNN's scratch buffers are unmapped and page-faulted in again on some rows and not on others,
 depending on the allocator's history (0 to 15,000 faults per step between rows of one run), which moved
-fp32 rows by up to 30%; run it with tcmalloc preloaded for clean comparisons (README, "Memory
-allocator"): ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4``. The JSON records which
+fp32 rows by up to 30%; run it with tcmalloc preloaded for clean comparisons
+(docs/performance_tips.md): ``LD_PRELOAD=/usr/lib/x86_64-linux-gnu/libtcmalloc_minimal.so.4``. The JSON records which
 malloc served the run.
 
 Benchmarks are not tests: a MISS is reported, never raised.

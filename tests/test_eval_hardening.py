@@ -79,3 +79,13 @@ def test_training_refuses_negative_and_float_labels():
                                  (torch.arange(8).float(), TypeError, "labels must be an integer tensor")):
         with pytest.raises(error, match=match):
             train(SmallCNN(), torch.utils.data.TensorDataset(x, labels), None, epochs=1, progress=False, plot=False)
+
+
+def test_attacks_name_labels_beyond_the_models_classes():
+    from robust_ext import attacks as A
+
+    model = SmallCNN().eval()
+    x, y = torch.rand(4, 1, 28, 28), torch.tensor([0, 1, 10, 3])
+    for attack in (lambda: A.fgsm(model, x, y, eps=0.1), lambda: A.pgd(model, x, y, eps=0.1, alpha=0.01, steps=2)):
+        with pytest.raises(RuntimeError, match="labels must be < the model's 10 classes"):
+            attack()

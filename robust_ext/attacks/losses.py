@@ -98,6 +98,9 @@ def per_sample_loss(logits: torch.Tensor, y: torch.Tensor, loss="ce", target: Op
                          f"{logits.shape[1]}")
     if loss.needs_target and target is None:
         raise ValueError(f"loss {loss.name!r} needs a target class per sample")
+    # Without a host sync (at once on the CPU, at the next sync on a GPU), instead of an IndexError deep in
+    # the loss: labels must name one of the model's classes.
+    torch._assert_async((y < logits.shape[1]).all(), f"labels must be < the model's {logits.shape[1]} classes")
     if logits.dtype in (torch.float16, torch.bfloat16):
         logits = logits.float()
     return loss.fn(logits, y, target)
