@@ -21,3 +21,11 @@
 #else
 #define RX_CLONES
 #endif
+
+// A lambda that a RX_CLONES loop calls per element: always inlined (GCC's inliner otherwise gives up on
+// some, e.g. with c10::BFloat16 conversions inside, and the loop calls a function per element).
+#if defined(__GNUC__)
+#define RX_INLINE_LAMBDA __attribute__((always_inline))
+#else
+#define RX_INLINE_LAMBDA
+#endif

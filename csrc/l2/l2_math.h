@@ -90,7 +90,8 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T l2_rescale(T max_abs) {
   if (max_abs == std::numeric_limits<T>::infinity()) return T(0);
   int e = 0;
   (void)std::frexp(max_abs, &e);
-  const int k = -e < L2Limits<T>::kMinExp ? L2Limits<T>::kMinExp : (-e > L2Limits<T>::kMaxExp ? L2Limits<T>::kMaxExp : -e);
+  using L = L2Limits<T>;
+  const int k = -e < L::kMinExp ? L::kMinExp : (-e > L::kMaxExp ? L::kMaxExp : -e);
   return std::ldexp(T(1), k);
 }
 

@@ -21,6 +21,7 @@
 #include "cpu/clones.h"
 #include "cpu/philox_blocks.h"
 #include "cpu/rows.h"
+#include "cpu/words.h"
 #include "l2/l2_math.h"
 #include "l2/l2_ops.h"
 
@@ -54,7 +55,7 @@ template <typename T, typename F>
 C10_ALWAYS_INLINE void chunk_sums(int64_t n, int64_t c0, int64_t c1, T* part, F term) {
   for (int64_t c = c0; c < c1; ++c) {
     const int64_t b = c * kSumChunk;
-    part[c] = chunk_sum<T>(std::min(kSumChunk, n - b), [&](int64_t i) { return term(b + i); });
+    part[c] = chunk_sum<T>(std::min(kSumChunk, n - b), [&](int64_t i) RX_INLINE_LAMBDA { return term(b + i); });
   }
 }
 
@@ -63,8 +64,8 @@ template <typename S, bool kRaw>
 RX_CLONES void grad_sums(const S* __restrict g, int64_t n, int64_t c0, int64_t c1, compute_t<S> s,
                          compute_t<S>* __restrict part) {
   using T = compute_t<S>;
-  chunk_sums<T>(n, c0, c1, part, [&](int64_t i) {
-    const T v = static_cast<T>(g[i]);
+  chunk_sums<T>(n, c0, c1, part, [&](int64_t i) RX_INLINE_LAMBDA {
+    const T v = widen(g[i]);
     return kRaw ? math::nan_to_zero(v) : math::l2_direction(v, s);
   });
 }
@@ -74,7 +75,7 @@ RX_CLONES compute_t<S> grad_max_abs(const S* __restrict g, int64_t n) {
   using T = compute_t<S>;
   T m = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const T v = std::abs(math::nan_to_zero(static_cast<T>(g[i])));
+    const T v = std::abs(math::nan_to_zero(widen(g[i])));
     m = v > m ? v : m;
   }
   return m;
@@ -89,13 +90,15 @@ C10_ALWAYS_INLINE T delta_of(T a, T g, T b, T c, T s) {
   return kScaled ? math::l2_delta(a, g, b, c, s) : (a - b) + c * math::nan_to_zero(g);
 }
 
-template <typename S, bool kGrad, bool kScaled>
+template <typename S, bool kGrad, bool kScaled, bool kKeep>
 RX_CLONES void delta_sums(const S* __restrict xa, const S* __restrict g, const S* __restrict x, int64_t n,
-                          int64_t c0, int64_t c1, compute_t<S> c, compute_t<S> s, compute_t<S>* __restrict part) {
+                          int64_t c0, int64_t c1, compute_t<S> c, compute_t<S> s, compute_t<S>* __restrict part,
+                          compute_t<S>* __restrict kept) {
   using T = compute_t<S>;
-  chunk_sums<T>(n, c0, c1, part, [&](int64_t i) {
-    return delta_of<T, kGrad, kScaled>(static_cast<T>(xa[i]), kGrad ? static_cast<T>(g[i]) : T(0),
-                                       static_cast<T>(x[i]), c, s);
+  chunk_sums<T>(n, c0, c1, part, [&](int64_t i) RX_INLINE_LAMBDA {
+    const T d = delta_of<T, kGrad, kScaled>(widen(xa[i]), kGrad ? widen(g[i]) : T(0), widen(x[i]), c, s);
+    if (kKeep) kept[i] = d;
+    return d;
   });
 }
 
@@ -103,21 +106,25 @@ template <typename S, bool kGrad, bool kScaled>
 RX_CLONES void delta_write(S* __restrict out, const S* xa, const S* __restrict g, const S* __restrict x, int64_t n,
                            compute_t<S> c, compute_t<S> s, compute_t<S> f, compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
-  cpu::update_row(out, xa, n, [&](S v, int64_t i) {
-    const T b = static_cast<T>(x[i]);
-    const T d = delta_of<T, kGrad, kScaled>(static_cast<T>(v), kGrad ? static_cast<T>(g[i]) : T(0), b, c, s);
-    return static_cast<S>(math::l2_out(b, d, f, lo, hi));
+  cpu::update_row(out, xa, n, [&](S v, int64_t i) RX_INLINE_LAMBDA {
+    const T b = widen(x[i]);
+    const T d = delta_of<T, kGrad, kScaled>(widen(v), kGrad ? widen(g[i]) : T(0), b, c, s);
+    return narrow_round<S>(math::l2_out(b, d, f, lo, hi));
   });
 }
 
-// delta_sums / delta_write for a sample with scale s: the kScaled form only where s != 1.
+// delta_sums / delta_write for a sample with scale s: the kScaled form only where s != 1. With `kept`
+// (the whole sample on one thread), d is stored for the write, which then reads x and d only.
 template <typename S, bool kGrad>
 void sample_delta_sums(const S* xa, const S* g, const S* x, int64_t n, int64_t c0, int64_t c1, compute_t<S> c,
-                       compute_t<S> s, compute_t<S>* part) {
-  if (kGrad && s != compute_t<S>(1)) {
-    delta_sums<S, kGrad, true>(xa, g, x, n, c0, c1, c, s, part);
+                       compute_t<S> s, compute_t<S>* part, compute_t<S>* kept) {
+  const bool scaled = kGrad && s != compute_t<S>(1);
+  if (kept) {
+    if (scaled) delta_sums<S, kGrad, true, true>(xa, g, x, n, c0, c1, c, s, part, kept);
+    else delta_sums<S, kGrad, false, true>(xa, g, x, n, c0, c1, c, s, part, kept);
   } else {
-    delta_sums<S, kGrad, false>(xa, g, x, n, c0, c1, c, s, part);
+    if (scaled) delta_sums<S, kGrad, true, false>(xa, g, x, n, c0, c1, c, s, part, nullptr);
+    else delta_sums<S, kGrad, false, false>(xa, g, x, n, c0, c1, c, s, part, nullptr);
   }
 }
 
@@ -134,7 +141,7 @@ void sample_delta_write(S* out, const S* xa, const S* g, const S* x, int64_t n, 
 // The normal deviates of logical elements [begin, end) into z, from aligned Philox runs.
 template <typename T>
 RX_CLONES void gaussians(int64_t begin, int64_t end, uint32_t k0, uint32_t k1, T* __restrict z) {
-  cpu::for_philox_runs(begin, end, k0, k1, [&](int64_t i, int64_t stop, int64_t run, const cpu::PhiloxWords& w) {
+  const auto words_run = [&](int64_t i, int64_t stop, int64_t run, const cpu::PhiloxWords& w) RX_INLINE_LAMBDA {
     T buf[cpu::kPhiloxBlocks * math::kBlock];  // element run + 64 b + 16 k + l, as w
     for (int b = 0; b < cpu::kPhiloxBlocks; ++b)
       for (int p = 0; p < 4; p += 2)
@@ -142,21 +149,25 @@ RX_CLONES void gaussians(int64_t begin, int64_t end, uint32_t k0, uint32_t k1, T
           math::box_muller<T>(w[b][p][l], w[b][p + 1][l], buf[b * math::kBlock + p * math::kLanes + l],
                               buf[b * math::kBlock + (p + 1) * math::kLanes + l]);
     for (int64_t j = i; j < stop; ++j) z[j - begin] = buf[j - run];
-  });
+  };
+  cpu::for_philox_runs(begin, end, k0, k1, words_run);
 }
 
 // The chunk's deviates: elements [b, e) of the sample starting at logical index `first`.
 template <typename T>
 struct ChunkGaussians {
   T z[kSumChunk];
-  void fill(int64_t first, int64_t b, int64_t e, uint32_t k0, uint32_t k1) { gaussians<T>(first + b, first + e, k0, k1, z); }
+  void fill(int64_t first, int64_t b, int64_t e, uint32_t k0, uint32_t k1) {
+    gaussians<T>(first + b, first + e, k0, k1, z);
+  }
 };
 
+// out = clip(x + v * k): the init's write (v = z) and the step's from its kept d (k = f).
 template <typename S>
-RX_CLONES void init_write(S* __restrict out, const S* __restrict x, const compute_t<S>* __restrict z, int64_t n,
-                          compute_t<S> k, compute_t<S> lo, compute_t<S> hi) {
+RX_CLONES void scaled_write(S* __restrict out, const S* __restrict x, const compute_t<S>* __restrict v, int64_t n,
+                            compute_t<S> k, compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
-  for (int64_t i = 0; i < n; ++i) out[i] = static_cast<S>(math::l2_out(static_cast<T>(x[i]), z[i], k, lo, hi));
+  for (int64_t i = 0; i < n; ++i) out[i] = narrow_round<S>(math::l2_out(widen(x[i]), v[i], k, lo, hi));
 }
 
 // The gradient's coefficient num / ||dir(g)|| of one sample (n elements at g), its scale s into `scale`:
@@ -175,8 +186,10 @@ compute_t<S> grad_coef(const S* g, int64_t n, compute_t<S>* part, compute_t<S> n
   return math::l2_coef(num, sumsq);
 }
 
-// Runs a row job: kPasses sums of squares (job.sums(pass, sample, c0, c1, part) fills part[c0, c1) of
-// the sample's partials, job.finish(pass, sample, part) reads them), then job.write(sample, begin, end).
+// Runs a row job: kPasses sums of squares (job.sums(pass, sample, c0, c1, part, kept) fills part[c0, c1)
+// of the sample's partials, job.finish(pass, sample, part) reads them), then job.write(sample, begin,
+// end, kept). `kept` is a buffer of the sample's n values when one thread runs the whole sample (else
+// null): a job may keep what its last pass computed there for the write.
 template <class Job>
 void run_rows(Job& job, const Rows& rows) {
   using T = typename Job::T;
@@ -184,13 +197,15 @@ void run_rows(Job& job, const Rows& rows) {
   std::vector<T> part(static_cast<size_t>(N * P));
   if (N >= 2 * at::get_num_threads() || N * n <= cpu::kGrain) {
     at::parallel_for(0, N, std::max<int64_t>(1, cpu::kGrain / std::max<int64_t>(1, n)), [&](int64_t b, int64_t e) {
+      thread_local std::vector<T> kept;  // reused across calls: no page faults per step
+      if (static_cast<int64_t>(kept.size()) < n) kept.resize(n);
       for (int64_t s = b; s < e; ++s) {
         T* ps = part.data() + s * P;
         for (int p = 0; p < Job::kPasses; ++p) {
-          job.sums(p, s, 0, P, ps);
+          job.sums(p, s, 0, P, ps, kept.data());
           job.finish(p, s, ps);
         }
-        job.write(s, 0, n);
+        job.write(s, 0, n, kept.data());
       }
     });
     return;
@@ -206,12 +221,14 @@ void run_rows(Job& job, const Rows& rows) {
     });
   };
   for (int p = 0; p < Job::kPasses; ++p) {
-    for_chunks([&](int64_t s, int64_t c0, int64_t c1) { job.sums(p, s, c0, c1, part.data() + s * P); });
+    for_chunks([&](int64_t s, int64_t c0, int64_t c1) { job.sums(p, s, c0, c1, part.data() + s * P, nullptr); });
     at::parallel_for(0, N, 1, [&](int64_t b, int64_t e) {
       for (int64_t s = b; s < e; ++s) job.finish(p, s, part.data() + s * P);
     });
   }
-  for_chunks([&](int64_t s, int64_t c0, int64_t c1) { job.write(s, c0 * kSumChunk, std::min(n, c1 * kSumChunk)); });
+  for_chunks([&](int64_t s, int64_t c0, int64_t c1) {
+    job.write(s, c0 * kSumChunk, std::min(n, c1 * kSumChunk), nullptr);
+  });
 }
 
 // Per-sample state shared by the jobs: the gradient's scale and coefficient, the projection factor.
@@ -236,13 +253,13 @@ struct DeltaJob : RowState<S> {
            double lo, double hi)
       : RowState<S>(r.count), out(out), xa(xa), g(g), x(x), n(r.numel), alpha(alpha), eps(eps), lo(lo), hi(hi) {}
 
-  void sums(int p, int64_t s, int64_t c0, int64_t c1, T* part) const {
+  void sums(int p, int64_t s, int64_t c0, int64_t c1, T* part, T* kept) const {
     const int64_t o = s * n;
     if (kGrad && p == 0) {
       grad_sums<S, true>(g + o, n, c0, c1, T(1), part);
     } else {
       sample_delta_sums<S, kGrad>(xa + o, kGrad ? g + o : nullptr, x + o, n, c0, c1, this->coef[s], this->scale[s],
-                                  part);
+                                  part, kept);
     }
   }
   void finish(int p, int64_t s, T* part) {
@@ -252,8 +269,12 @@ struct DeltaJob : RowState<S> {
       this->factor[s] = math::l2_factor(eps[s], math::chunk_tree(part, math::sum_chunks(n)));
     }
   }
-  void write(int64_t s, int64_t b, int64_t e) const {
+  void write(int64_t s, int64_t b, int64_t e, const T* kept) const {
     const int64_t o = s * n + b;
+    if (kept) {
+      scaled_write<S>(out + o, x + o, kept + b, e - b, this->factor[s], lo, hi);
+      return;
+    }
     sample_delta_write<S, kGrad>(out + o, xa + o, kGrad ? g + o : nullptr, x + o, e - b, this->coef[s],
                                  this->scale[s], this->factor[s], lo, hi);
   }
@@ -272,9 +293,11 @@ struct FgmJob : RowState<S> {
   FgmJob(const Rows& r, S* out, const S* x, const S* g, const Budget& eps, double lo, double hi)
       : RowState<S>(r.count), out(out), x(x), g(g), n(r.numel), eps(eps), lo(lo), hi(hi) {}
 
-  void sums(int, int64_t s, int64_t c0, int64_t c1, T* part) const { grad_sums<S, true>(g + s * n, n, c0, c1, T(1), part); }
+  void sums(int, int64_t s, int64_t c0, int64_t c1, T* part, T*) const {
+    grad_sums<S, true>(g + s * n, n, c0, c1, T(1), part);
+  }
   void finish(int, int64_t s, T* part) { this->coef[s] = grad_coef<S>(g + s * n, n, part, eps[s], this->scale[s]); }
-  void write(int64_t s, int64_t b, int64_t e) const {
+  void write(int64_t s, int64_t b, int64_t e, const T*) const {
     const int64_t o = s * n + b;
     sample_delta_write<S, true>(out + o, x + o, g + o, x + o, e - b, this->coef[s], this->scale[s], T(1), lo, hi);
   }
@@ -294,38 +317,42 @@ struct InitJob : RowState<S> {
       : RowState<S>(r.count), out(out), x(x), n(r.numel), eps(eps), lo(lo), hi(hi),
         k0(static_cast<uint32_t>(key)), k1(static_cast<uint32_t>(key >> 32)) {}
 
-  void sums(int, int64_t s, int64_t c0, int64_t c1, T* part) const {
+  void sums(int, int64_t s, int64_t c0, int64_t c1, T* part, T*) const {
     ChunkGaussians<T> z;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c * kSumChunk, e = std::min(n, b + kSumChunk);
       z.fill(s * n, b, e, k0, k1);
-      part[c] = chunk_sum<T>(e - b, [&](int64_t i) { return z.z[i]; });
+      part[c] = chunk_sum<T>(e - b, [&](int64_t i) RX_INLINE_LAMBDA { return z.z[i]; });
     }
   }
   void finish(int, int64_t s, T* part) {
-    this->coef[s] = math::l2_coef(math::l2_radius<T>(s, n, k0, k1, eps[s]), math::chunk_tree(part, math::sum_chunks(n)));
+    const T radius = math::l2_radius<T>(s, n, k0, k1, eps[s]);
+    this->coef[s] = math::l2_coef(radius, math::chunk_tree(part, math::sum_chunks(n)));
   }
-  void write(int64_t s, int64_t b, int64_t e) const {
+  void write(int64_t s, int64_t b, int64_t e, const T*) const {
     ChunkGaussians<T> z;
     for (int64_t i = b; i < e; i += kSumChunk) {
       const int64_t stop = std::min(e, i + kSumChunk);
       z.fill(s * n, i, stop, k0, k1);
-      init_write<S>(out + s * n + i, x + s * n + i, z.z, stop - i, this->coef[s], lo, hi);
+      scaled_write<S>(out + s * n + i, x + s * n + i, z.z, stop - i, this->coef[s], lo, hi);
     }
   }
 };
 
+// The storage words the jobs and loops (their S) read and write: cpu/words.h's, bf16 as uint16_t widened
+// and rounded with bit operations that vectorize (the same values as c10::BFloat16's conversions).
 template <typename S>
-S* ptr(const at::Tensor& t) {
-  return t.data_ptr<S>();
+typename Word<S>::type* ptr(const at::Tensor& t) {
+  return static_cast<typename Word<S>::type*>(t.data_ptr());
 }
 
 struct CpuKernels {
   static void step(const at::Tensor& out, const at::Tensor& xa, const at::Tensor& g, const at::Tensor& x,
                    const Budget& alpha, const Budget& eps, double lo, double hi, const Rows& r) {
     RX_DISPATCH_FLOATS(out.scalar_type(), "l2_step", [&] {
-      DeltaJob<scalar_t, true> job(r, ptr<scalar_t>(out), ptr<scalar_t>(xa), ptr<scalar_t>(g), ptr<scalar_t>(x),
-                                   alpha, eps, lo, hi);
+      using W = typename Word<scalar_t>::type;
+      DeltaJob<W, true> job(r, ptr<scalar_t>(out), ptr<scalar_t>(xa), ptr<scalar_t>(g), ptr<scalar_t>(x), alpha, eps,
+                            lo, hi);
       run_rows(job, r);
     });
   }
@@ -333,8 +360,9 @@ struct CpuKernels {
   static void project(const at::Tensor& out, const at::Tensor& xa, const at::Tensor& x, const Budget& eps,
                       double lo, double hi, const Rows& r) {
     RX_DISPATCH_FLOATS(out.scalar_type(), "l2_project", [&] {
-      DeltaJob<scalar_t, false> job(r, ptr<scalar_t>(out), ptr<scalar_t>(xa), nullptr, ptr<scalar_t>(x), Budget{},
-                                    eps, lo, hi);
+      using W = typename Word<scalar_t>::type;
+      DeltaJob<W, false> job(r, ptr<scalar_t>(out), ptr<scalar_t>(xa), nullptr, ptr<scalar_t>(x), Budget{}, eps, lo,
+                             hi);
       run_rows(job, r);
     });
   }
@@ -342,7 +370,7 @@ struct CpuKernels {
   static void single_step(const at::Tensor& out, const at::Tensor& x, const at::Tensor& g, const Budget& eps,
                           double lo, double hi, const Rows& r) {
     RX_DISPATCH_FLOATS(out.scalar_type(), "fgm", [&] {
-      FgmJob<scalar_t> job(r, ptr<scalar_t>(out), ptr<scalar_t>(x), ptr<scalar_t>(g), eps, lo, hi);
+      FgmJob<typename Word<scalar_t>::type> job(r, ptr<scalar_t>(out), ptr<scalar_t>(x), ptr<scalar_t>(g), eps, lo, hi);
       run_rows(job, r);
     });
   }
@@ -351,7 +379,7 @@ struct CpuKernels {
                           const at::Tensor& seed, const Rows& r) {
     const uint64_t key = static_cast<uint64_t>(seed.item<int64_t>());
     RX_DISPATCH_FLOATS(out.scalar_type(), "l2_random_init", [&] {
-      InitJob<scalar_t> job(r, ptr<scalar_t>(out), ptr<scalar_t>(x), eps, lo, hi, key);
+      InitJob<typename Word<scalar_t>::type> job(r, ptr<scalar_t>(out), ptr<scalar_t>(x), eps, lo, hi, key);
       run_rows(job, r);
     });
   }

@@ -23,7 +23,7 @@ template <typename S>
 RX_CLONES void step_row(S* __restrict out, const S* xa, const S* __restrict g, const S* __restrict x,
                         int64_t n, compute_t<S> alpha, compute_t<S> eps, compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
-  cpu::update_row(out, xa, n, [&](S v, int64_t i) {
+  cpu::update_row(out, xa, n, [&](S v, int64_t i) RX_INLINE_LAMBDA {
     return static_cast<S>(math::linf_step<T>(static_cast<T>(v), static_cast<T>(g[i]), static_cast<T>(x[i]),
                                              alpha, eps, lo, hi));
   });
@@ -33,7 +33,7 @@ template <typename S>
 RX_CLONES void project_row(S* __restrict out, const S* xa, const S* __restrict x, int64_t n, compute_t<S> eps,
                            compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
-  cpu::update_row(out, xa, n, [&](S v, int64_t i) {
+  cpu::update_row(out, xa, n, [&](S v, int64_t i) RX_INLINE_LAMBDA {
     return static_cast<S>(math::linf_project<T>(static_cast<T>(v), static_cast<T>(x[i]), eps, lo, hi));
   });
 }
@@ -51,11 +51,12 @@ template <typename S>
 RX_CLONES void random_init_row(S* __restrict out, const S* __restrict x, int64_t begin, int64_t end,
                                uint32_t k0, uint32_t k1, compute_t<S> eps, compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
-  cpu::for_philox_runs(begin, end, k0, k1, [&](int64_t i, int64_t stop, int64_t run, const cpu::PhiloxWords& w) {
+  const auto words_run = [&](int64_t i, int64_t stop, int64_t run, const cpu::PhiloxWords& w) RX_INLINE_LAMBDA {
     const uint32_t* __restrict words = &w[0][0][0];
     for (int64_t j = i; j < stop; ++j)
       out[j] = static_cast<S>(math::random_init<T>(static_cast<T>(x[j]), words[j - run], eps, lo, hi));
-  });
+  };
+  cpu::for_philox_runs(begin, end, k0, k1, words_run);
 }
 
 struct CpuKernels {
