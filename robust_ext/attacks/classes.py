@@ -8,9 +8,10 @@ from . import checks
 from .apgd import _check_rho, apgd, apgd_t
 from .fgsm import fgsm, fgsm_rs
 from .pgd import bim, pgd
+from .square import _check_p_init, square
 from .threats import ThreatModel
 
-__all__ = ["Attack", "FGSM", "FGM", "FGSM_RS", "BIM", "PGD", "PGDL2", "APGD", "APGDT"]
+__all__ = ["Attack", "FGSM", "FGM", "FGSM_RS", "BIM", "PGD", "PGDL2", "APGD", "APGDT", "Square"]
 
 
 def _fuse(model):
@@ -164,3 +165,23 @@ class APGDT(Attack):
         super().__init__(model, norm=norm, eps=eps, steps=steps, restarts=restarts,
                          n_target_classes=n_target_classes, loss=loss, rho=rho, early_stop=early_stop,
                          clip_min=clip_min, clip_max=clip_max, amp=amp, generator=generator, fuse=fuse)
+
+
+class Square(Attack):
+    """Square Attack (Andriushchenko et al. 2020, "Square Attack: a query-efficient black-box adversarial attack
+    via random search"); see :func:`square`. torchattacks' ``Square`` argument order (``restarts`` for its
+    ``n_restarts``, a ``generator`` for its ``seed``).
+
+    >>> atk = Square(model, norm="linf", eps=8/255, n_queries=5000, restarts=1, p_init=0.8, loss="margin")
+    >>> adv_images = atk(images, labels)
+    """
+
+    _fn = staticmethod(square)
+
+    def __init__(self, model, norm="linf", eps=8 / 255, n_queries=5000, restarts=1, p_init=0.8, loss="margin", *,
+                 targeted=False, early_stop=True, clip_min=0.0, clip_max=1.0, amp=False, generator=None, fuse=False):
+        checks.check_int(n_queries, "n_queries", 1)
+        _check_p_init(p_init)
+        super().__init__(model, norm=norm, eps=eps, n_queries=n_queries, restarts=restarts, p_init=p_init, loss=loss,
+                         targeted=targeted, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, amp=amp,
+                         generator=generator, fuse=fuse)

@@ -15,6 +15,7 @@ from .apgd import apgd, apgd_t
 from .fgsm import FGSM_RS_ALPHA, fgsm, fgsm_rs
 from .noise import noise
 from .pgd import bim, pgd
+from .square import square
 from .threats import NORMS, get_threat
 
 __all__ = ["AttackEntry", "ATTACKS", "register_attack", "get_attack", "attack_names", "ALPHA_FACTOR",
@@ -142,5 +143,9 @@ for _entry in (
                                    "rho": 0.75, "early_stop": True, "amp": False},
                 summary="APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss towards each of the 9 most "
                         "likely other classes"),
+    AttackEntry("square", square, {"n_queries": 5000, "p_init": 0.8, "loss": "margin", "restarts": 1,
+                                   "early_stop": True, "amp": False}, norms=("linf", "l2"),
+                summary="Square Attack (Andriushchenko et al. 2020): score-based random search over square windows, "
+                        "5000 queries, margin loss; reads only the logits"),
 ):
     register_attack(_entry)
