@@ -102,8 +102,9 @@ def test_accuracy_after_each_attack_and_per_class(setup, reference):
         assert reference.fooled_by[j].count(None) == round(r["robust_accuracy"] * n)
         pc = r["per_class"]
         assert sum(pc["n"]) == n and pc["n"] == torch.bincount(y, minlength=10).tolist()
-        for key, overall in [("clean", reference.clean_accuracy)] + [(a, r["accuracy_after"][a]) for a in reference.attacks]:
-            assert sum(a * c for a, c in zip(pc[key], pc["n"])) == pytest.approx(overall * n)
+        overall = {"clean": reference.clean_accuracy, **r["accuracy_after"]}
+        for key in ["clean", *reference.attacks]:
+            assert sum(a * c for a, c in zip(pc[key], pc["n"])) == pytest.approx(overall[key] * n)
     assert reference.clean_accuracy == pytest.approx(1 - 3 / 96)
     # each fooled point's example is in the ball and misclassified; the others are the clean images
     for j, e in enumerate(reference.eps):
@@ -206,7 +207,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(setup, reference, tmp_
         assert torch.equal(resumed.x_adv[e], reference.x_adv[e])
     assert resumed.config["resumed"]
     # finished chunks were read, not recomputed: their files untouched, and fewer attack calls than chunks
-    assert all((p.stat().st_ino, p.stat().st_mtime_ns) == before[p.name] for p in chunks.glob("*.pt") if p.name in before)
+    after = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in chunks.glob("*.pt")}
+    assert all(after[name] == stamp for name, stamp in before.items())
     total = len(list(chunks.glob("*.pt")))
     assert 0 < len(calls) == total - len(before)
     assert not list((tmp_path / "state").rglob(".*.tmp"))

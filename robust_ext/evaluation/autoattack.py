@@ -140,6 +140,39 @@ def _per_class(codes, y_all, attacks, num_classes):
     return out
 
 
+def _run_attack(model, spec, i, j, e, state, x_all, y_all, dev, threat, lo, hi, seed, batch_size, ctx, progress,
+                return_adversarial):
+    """Attack ``i`` at ε ``j`` on this process's chunks of the points still robust (a finished chunk read from the
+    state): (this process's fooled mask [N], its count of outputs outside the ball, [(points, x_adv)] fooled)."""
+    robust = (state.codes[j] == ROBUST).nonzero().squeeze(1)
+    chunks = list(robust.split(batch_size))
+    mine = [k for k in range(len(chunks)) if k % ctx.world_size == ctx.rank]
+    fooled_now = torch.zeros(len(y_all), dtype=torch.int32)
+    outside = torch.zeros(1, dtype=torch.int32)
+    found = []
+    bar = tqdm(total=sum(len(chunks[k]) for k in mine), desc=f"{spec.name} eps={e:.4g}", unit="img",
+               disable=not (progress and ctx.is_main), leave=False)
+    for k in mine:
+        points = chunks[k]
+        rec = state.load_chunk(j, i, k, points)
+        if rec is None:
+            torch.manual_seed(generator(seed, _CHUNK, j, i, k).initial_seed())
+            x, y = x_all[points].to(dev), y_all[points].to(dev)
+            x_adv = spec(model, x, y, e, norm=threat, clip_min=lo, clip_max=hi,
+                         generator=generator(seed, _CHUNK, j, i, k))
+            fooled, out, x_adv = _confirm(model, spec, x, y, x_adv, e, threat, lo, hi)
+            rec = (fooled.cpu(), x_adv[fooled].cpu(), int(out.sum()))
+            state.save_chunk(j, i, k, points, *rec)
+        fooled_now[points[rec[0]]] = 1
+        outside += rec[2]
+        if return_adversarial:
+            found.append((points[rec[0]], rec[1]))
+        bar.update(len(points))
+        bar.set_postfix(left=len(robust) - int(fooled_now.sum()))
+    bar.close()
+    return fooled_now, outside, found
+
+
 def autoattack(model, data, eps: Union[float, Sequence[float]] = 8 / 255, norm="linf", version: Optional[str] = None,
                attacks=None, *, clip_min: float = 0.0, clip_max: float = 1.0, batch_size: int = 256,
                max_samples: Optional[int] = None, device=None, seed: int = 0, amp=False, state_path=None,
@@ -195,7 +228,6 @@ def autoattack(model, data, eps: Union[float, Sequence[float]] = 8 / 255, norm="
     state = EvaluationState(state_path, settings, len(grid), n, ctx.is_main)
     names = [s.name for s in specs]
     timing = {"clean_s": 0.0, "attacks_s": {name: 0.0 for name in names}}
-    counts = {(j, i): {"fooled": 0, "outside": 0} for j in range(len(grid)) for i in range(len(specs))}
     adversarial = {j: [] for j in range(len(grid))}
     keep = return_adversarial and ctx.is_main
 
@@ -215,35 +247,11 @@ def autoattack(model, data, eps: Union[float, Sequence[float]] = 8 / 255, norm="
                         adversarial[j] += list(state.saved_adversarial(j, i))
                     continue
                 t = time.perf_counter()
-                robust = (state.codes[j] == ROBUST).nonzero().squeeze(1)
-                chunks = list(robust.split(batch_size))
-                mine = [k for k in range(len(chunks)) if k % ctx.world_size == ctx.rank]
-                fooled_now = torch.zeros(n, dtype=torch.int32)
-                outside = torch.zeros(1, dtype=torch.int32)
-                found = []
-                bar = tqdm(total=sum(len(chunks[k]) for k in mine), desc=f"{spec.name} eps={e:.4g}", unit="img",
-                           disable=not (progress and ctx.is_main), leave=False)
-                for k in mine:
-                    points = chunks[k]
-                    rec = state.load_chunk(j, i, k, points)
-                    if rec is None:
-                        torch.manual_seed(generator(seed, _CHUNK, j, i, k).initial_seed())
-                        x, y = x_all[points].to(dev), y_all[points].to(dev)
-                        x_adv = spec(model, x, y, e, norm=threat, clip_min=lo, clip_max=hi,
-                                     generator=generator(seed, _CHUNK, j, i, k))
-                        fooled, out, x_adv = _confirm(model, spec, x, y, x_adv, e, threat, lo, hi)
-                        outside += int(out.sum())
-                        rec = (fooled.cpu(), x_adv[fooled].cpu())
-                        state.save_chunk(j, i, k, points, *rec)
-                    fooled_now[points[rec[0]]] = 1
-                    if return_adversarial:
-                        found.append((points[rec[0]], rec[1]))
-                    bar.update(len(points))
-                    bar.set_postfix(left=len(robust) - int(fooled_now.sum()))
-                bar.close()
+                fooled_now, outside, found = _run_attack(model, spec, i, j, e, state, x_all, y_all, dev, threat, lo,
+                                                         hi, seed, batch_size, ctx, progress, return_adversarial)
                 fooled_now, outside = _reduce(fooled_now, ctx, comm_device).bool(), _reduce(outside, ctx, comm_device)
                 state.codes[j][fooled_now] = i + 1
-                counts[j, i] = {"fooled": int(fooled_now.sum()), "outside": int(outside)}
+                state.outside[j, i] = int(outside)
                 if return_adversarial:
                     gathered = distributed.gather_to_main(found, ctx)
                     if keep:
@@ -252,10 +260,10 @@ def autoattack(model, data, eps: Union[float, Sequence[float]] = 8 / 255, norm="
                 state.save()
                 timing["attacks_s"][spec.name] += time.perf_counter() - t
                 log.info("autoattack eps=%.4g: robust accuracy after %s: %.2f%% (%d fooled)", e, spec.name,
-                         100 * float((state.codes[j] == ROBUST).float().mean()), counts[j, i]["fooled"])
+                         100 * float((state.codes[j] == ROBUST).float().mean()), int(fooled_now.sum()))
     timing["total_s"] = time.perf_counter() - t_start
     report = _report(model, model_name, batches, version, specs, threat, grid, lo, hi, seed, batch_size, amp, ctx,
-                     dev, state, counts, y_all, timing)
+                     dev, state, y_all, timing)
     if keep:
         report.x_adv = {}
         for j, e in enumerate(grid):
@@ -270,7 +278,7 @@ def autoattack(model, data, eps: Union[float, Sequence[float]] = 8 / 255, norm="
 
 
 def _report(model, model_name, batches, version, specs, threat, grid, lo, hi, seed, batch_size, amp, ctx, dev, state,
-            counts, y_all, timing) -> AutoAttackReport:
+            y_all, timing) -> AutoAttackReport:
     import robust_ext
 
     n, clean, names = len(y_all), state.clean, [s.name for s in specs]
@@ -283,7 +291,7 @@ def _report(model, model_name, batches, version, specs, threat, grid, lo, hi, se
         for i, name in enumerate(names):
             after[name] = float(((codes == ROBUST) | (codes > i + 1)).float().mean())
         fooled = {name: int((codes == i + 1).sum()) for i, name in enumerate(names)}
-        out = {name: counts[j, i]["outside"] for i, name in enumerate(names)}
+        out = {name: state.outside.get((j, i), 0) for i, name in enumerate(names)}
         results.append({"eps": e, "robust_accuracy": after[names[-1]], "accuracy_after": after, "fooled": fooled,
                         "outside_ball": out, "per_class": _per_class(codes, y_all, names, clean["num_classes"])})
         fooled_by.append([None if c == ROBUST else labels[c] for c in codes.tolist()])

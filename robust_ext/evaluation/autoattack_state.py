@@ -65,6 +65,7 @@ class EvaluationState:
         self.codes = torch.full((n_eps, n), ROBUST, dtype=torch.int16)
         self.clean: Optional[dict] = None
         self.done: set = set()
+        self.outside: dict = {}  # (ε index, attack index) -> outputs outside the ball, not counted
         self.resumed = False
         if self.path is None:
             return
@@ -94,6 +95,7 @@ class EvaluationState:
                              f"{list(self.codes.shape)}")
         self.codes, self.clean = saved["codes"].to(torch.int16), saved["clean"]
         self.done = {tuple(p) for p in saved["done"]}
+        self.outside = {tuple(k): v for k, v in saved["outside"]}
         self.resumed = True
         log.info("autoattack: resuming from %s (%d attack runs finished)", self.path, len(self.done))
 
@@ -102,14 +104,15 @@ class EvaluationState:
         if self.path is None or not self.main:
             return
         _save(self.path / STATE_FILE, {"settings": json.dumps(self.settings, sort_keys=True), "codes": self.codes,
-                                       "clean": self.clean, "done": sorted(self.done)})
+                                       "clean": self.clean, "done": sorted(self.done),
+                                       "outside": sorted(self.outside.items())})
 
     def _chunk(self, j: int, i: int, k: int) -> Path:
         return self.path / CHUNK_DIR / f"e{j}_a{i}_c{k}.pt"
 
-    def load_chunk(self, j: int, i: int, k: int, points: torch.Tensor) -> Optional[Tuple[torch.Tensor, torch.Tensor]]:
-        """``(fooled mask, x_adv of the fooled points)`` of a finished chunk, or None (not run, or its file
-        is for other points)."""
+    def load_chunk(self, j: int, i: int, k: int, points) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+        """``(fooled mask, x_adv of the fooled points, outputs outside the ball)`` of a finished chunk, or None (not
+        run, or its file is for other points)."""
         if self.path is None:
             return None
         file = self._chunk(j, i, k)
@@ -119,12 +122,12 @@ class EvaluationState:
         if not torch.equal(rec["points"], points):
             log.warning("autoattack: %s holds other points than this chunk: recomputing it", file)
             return None
-        return rec["fooled"], rec["x_adv"]
+        return rec["fooled"], rec["x_adv"], rec["outside"]
 
-    def save_chunk(self, j: int, i: int, k: int, points, fooled, x_adv) -> None:
+    def save_chunk(self, j: int, i: int, k: int, points, fooled, x_adv, outside: int) -> None:
         if self.path is not None:
             self._chunk(j, i, k).parent.mkdir(parents=True, exist_ok=True)
-            _save(self._chunk(j, i, k), {"points": points, "fooled": fooled, "x_adv": x_adv})
+            _save(self._chunk(j, i, k), {"points": points, "fooled": fooled, "x_adv": x_adv, "outside": outside})
 
     def saved_adversarial(self, j: int, i: int):
         """Every saved chunk of (ε ``j``, attack ``i``) as ``(fooled points, their x_adv)``."""
