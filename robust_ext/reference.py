@@ -4,7 +4,8 @@ is absent, and the oracle the tests hold the kernels to.
 Each function has the same signature and semantics as its op schema in ``csrc/robust_ext.cpp`` and does
 the same operations in the same order with the same casts as the kernels' math headers
 (``csrc/<family>/<family>_math.h``, ``csrc/philox.h``): fp32/fp64 results are bit-identical to the
-kernels'. Half types (fp16, bf16) are computed in fp32 and rounded once.
+kernels' (the L2 ops' fp64 ones agree to a few ulps: ATen's sqrt, see the L2 section). Half types (fp16,
+bf16) are computed in fp32 and rounded once.
 """
 from __future__ import annotations
 
