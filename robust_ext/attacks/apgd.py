@@ -113,7 +113,8 @@ class StepRule:
 
 
 class _Batch:
-    """The per-sample state of the samples still running, compacted together when some leave."""
+    """The per-sample state of the samples still running, compacted together when some leave: its tensors
+    (one row per sample) and the objects with a ``keep(index)`` of their own."""
 
     def __init__(self, **state):
         self.__dict__.update(state)
@@ -122,7 +123,7 @@ class _Batch:
         for name, v in list(vars(self).items()):
             if isinstance(v, torch.Tensor):
                 setattr(self, name, v.index_select(0, index))
-            elif isinstance(v, StepRule):
+            elif hasattr(v, "keep"):
                 v.keep(index)
 
 
