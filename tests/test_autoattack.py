@@ -200,6 +200,8 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(setup, reference, tmp_
     state = torch.load(tmp_path / "state" / STATE_FILE, weights_only=True)
     assert (0, 0) in [tuple(p) for p in state["done"]] and len(state["done"]) < 4, "the kill was meant to land mid-run"
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in chunks.glob("*.pt")}
+    torn = chunks / f".e0_a1_c99.pt.{proc.pid}.0123abcd.tmp"  # what a kill during a write leaves
+    torn.write_bytes(b"half a file")
     calls = []
     resumed = run(setup, spying(worker.attacks(), calls), state_path=tmp_path / "state")
     same(resumed, reference)
@@ -211,7 +213,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(setup, reference, tmp_
     assert all(after[name] == stamp for name, stamp in before.items())
     total = len(list(chunks.glob("*.pt")))
     assert 0 < len(calls) == total - len(before)
-    assert not list((tmp_path / "state").rglob(".*.tmp"))
+    assert not torn.exists() and not list((tmp_path / "state").rglob(".*.tmp"))
     calls.clear()
     same(run(setup, spying(worker.attacks(), calls), state_path=tmp_path / "state"), reference)
     assert calls == []  # a finished state recomputes nothing

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from pathlib import Path
 from typing import Optional, Tuple
 
@@ -35,6 +36,16 @@ ROBUST, MISCLASSIFIED = -1, 0  # codes; attack i (from 0) that fooled a point is
 
 def _save(path: Path, value) -> None:
     atomic_write(path, lambda f: torch.save(value, f))
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
 
 
 def _normalized(settings: dict) -> dict:
@@ -97,7 +108,16 @@ class EvaluationState:
         self.done = {tuple(p) for p in saved["done"]}
         self.outside = {tuple(k): v for k, v in saved["outside"]}
         self.resumed = True
+        self._remove_stale_temporaries()
         log.info("autoattack: resuming from %s (%d attack runs finished)", self.path, len(self.done))
+
+    def _remove_stale_temporaries(self) -> None:
+        """The temporary files of writes a kill interrupted (their writer's process is gone); a live process's
+        are left alone, as another rank may be writing one now."""
+        for tmp in (*self.path.glob(".*.tmp"), *(self.path / CHUNK_DIR).glob(".*.tmp")):
+            pid = tmp.name.rsplit(".", 3)[-3]
+            if pid.isdigit() and not _alive(int(pid)):
+                tmp.unlink(missing_ok=True)
 
     def save(self) -> None:
         """The settings, clean results, codes and finished attacks, atomically (main process only)."""
