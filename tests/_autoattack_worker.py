@@ -49,13 +49,13 @@ def attacks():
                                                                      n_target_classes=3)]
 
 
-def run(out: Path, state: bool, slow: bool):
+def run(out: Path, slow: bool):
     torch.set_num_threads(1)
     model, x, y = case()
     if slow:  # widen the window in which the test kills this process; hooks change no numbers
         model.register_forward_pre_hook(lambda *_: time.sleep(0.01))
     report = autoattack(model, (x, y), eps=EPS, attacks=attacks(), batch_size=BATCH, seed=3, progress=False,
-                        state_path=out / "state" if state else None)
+                        state_path=out / "state")
     rank = int(os.environ.get("RANK", 0))
     if rank == 0:
         report.to_json(out / "report.json")
@@ -66,9 +66,8 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser()
     p.add_argument("out", type=Path)
     p.add_argument("--slow", action="store_true")
-    p.add_argument("--no-state", action="store_true")
     a = p.parse_args(argv)
-    run(a.out, not a.no_state, a.slow)
+    run(a.out, a.slow)
 
 
 if __name__ == "__main__":

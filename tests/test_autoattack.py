@@ -247,10 +247,10 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def test_torchrun_two_processes_match_one(reference, tmp_path):
+def test_torchrun_two_processes_match_one(setup, reference, tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(WORKER).parent))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
-           f"--master_port={_free_port()}", WORKER, str(tmp_path), "--no-state"]
+           f"--master_port={_free_port()}", WORKER, str(tmp_path)]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         out, err = proc.communicate(timeout=180)
@@ -269,6 +269,11 @@ def test_torchrun_two_processes_match_one(reference, tmp_path):
     x_adv = torch.load(tmp_path / "x_adv.pt", weights_only=True)
     for e in reference.eps:
         assert torch.equal(x_adv[e], reference.x_adv[e])
+    # the two ranks' state is one process's: resumed alone, nothing is recomputed
+    calls = []
+    resumed = run(setup, spying(worker.attacks(), calls), state_path=tmp_path / "state")
+    same(resumed, reference)
+    assert calls == [] and resumed.config["resumed"] and torch.equal(resumed.x_adv[0.15], reference.x_adv[0.15])
 
 
 # ------------------------------------------------------------------------------------------ checks
