@@ -107,7 +107,7 @@ class EvaluationState:
         self.codes, self.clean = saved["codes"].to(torch.int16), saved["clean"]
         self.done = {tuple(p) for p in saved["done"]}
         self.outside = {tuple(k): v for k, v in saved["outside"]}
-        self.resumed = True
+        self.resumed = self.clean is not None  # not a state another rank of this run has just created
         self._remove_stale_temporaries()
         log.info("autoattack: resuming from %s (%d attack runs finished)", self.path, len(self.done))
 
