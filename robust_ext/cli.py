@@ -281,7 +281,7 @@ def cmd_attack(args) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.steps < 1:
+    if args.steps is not None and args.steps < 1:
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     out = check_out_dir(args.out)
     ds = _load_data(args, args.split)
@@ -295,6 +295,7 @@ def cmd_attack(args) -> int:
     entry = get_attack(args.attack)
     # The flags the attack takes (fgsm has no steps, noise no alpha); PGD keeps every step's iterate.
     given = {"steps": args.steps, "alpha": args.alpha, "restarts": args.restarts, "early_stop": False}
+    given = {k: v for k, v in given.items() if v is not None or k == "alpha"}  # the attack's own defaults
     params = entry.params(**{k: v for k, v in given.items() if k in entry.defaults})
     alpha = entry.alpha(args.eps, params)
 
@@ -354,7 +355,8 @@ def cmd_evaluate(args) -> int:
     specs = []
     for name in args.attacks.split(","):
         try:
-            specs.append(make_attack(name.strip(), steps=args.steps) if "steps" in _attack_params(name.strip())
+            specs.append(make_attack(name.strip(), steps=args.steps)
+                         if args.steps is not None and "steps" in _attack_params(name.strip())
                          else make_attack(name.strip()))
         except ValueError as e:
             raise UsageError(f"--attacks: {e}") from None
@@ -451,7 +453,9 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--split", default=None, help="train, test or all (default: all of file:/folder: data, "
                        "else test)")
         a.add_argument("-n", type=int, default=None, help="use the first N samples")
-        a.add_argument("--steps", type=int, default=20)
+        a.add_argument("--steps", type=int, default=None,
+                       help="iterations of the iterative attacks (default: each attack's own, e.g. pgd/bim 10, "
+                       "apgd 100)")
         a.add_argument("--seed", type=int, default=0)
         a.add_argument("--out", required=True)
         a.add_argument("--norm", default="linf", choices=norms, help="threat model (default: linf)")
