@@ -39,7 +39,7 @@ from ..reference import compute_dtype
 from . import checks, core
 from .core import eval_mode, rows_of
 
-__all__ = ["apgd", "apgd_t", "checkpoint_schedule", "halve_step", "StepRule", "MOMENTUM"]
+__all__ = ["apgd", "apgd_t", "apgd_loop", "checkpoint_schedule", "halve_step", "StepRule", "MOMENTUM"]
 
 MOMENTUM = 0.75
 _FIRST, _DECAY, _MIN = 0.22, 0.03, 0.06  # the checkpoint schedule's fractions of the iterations
@@ -217,8 +217,12 @@ def _check_rho(rho) -> float:
     return float(rho)
 
 
-def _attack(model, x, y, eps, obj, threat, lo, hi, *, steps, rho, restarts, early_stop, generator,
-            n_target_classes=None):
+def apgd_loop(model, x, y, eps, obj, threat, lo, hi, *, steps, rho, restarts, early_stop, generator,
+              n_target_classes=None):
+    """The APGD iteration for checked inputs (:func:`robust_ext.attacks.core.setup`'s outputs) and a given
+    objective: :func:`apgd` and :func:`apgd_t` call it, and so can an attack that changes only the objective
+    (e.g. an expectation over transformations, :func:`robust_ext.evaluation.autoattack_versions.apgd_eot`).
+    ``obj`` needs :class:`~robust_ext.attacks.core.Objective`'s ``grad``, ``success`` and ``confirmed``."""
     steps = checks.check_int(steps, "steps", 1)
     restarts = checks.check_int(restarts, "restarts", 1)
     rho = _check_rho(rho)
@@ -282,7 +286,7 @@ def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, norm="linf", rho
     x, y, eps, lo, hi, obj, threat = core.setup(model, x, y, eps, targeted, clip_min, clip_max, loss, amp, norm)
     if obj.loss.needs_target:
         raise ValueError(f"loss {obj.loss.name!r} takes a target class per sample: use apgd_t")
-    return _attack(model, x, y, eps, obj, threat, lo, hi, steps=steps, rho=rho, restarts=restarts,
+    return apgd_loop(model, x, y, eps, obj, threat, lo, hi, steps=steps, rho=rho, restarts=restarts,
                    early_stop=early_stop, generator=generator)
 
 
@@ -302,5 +306,5 @@ def apgd_t(model, x, y, *, eps, steps=100, n_target_classes=9, restarts=1, norm=
     if not obj.loss.needs_target:
         raise ValueError(f"apgd_t needs a loss that takes a target class (e.g. 'dlr_targeted'), "
                          f"got {obj.loss.name!r}")
-    return _attack(model, x, y, eps, obj, threat, lo, hi, steps=steps, rho=rho, restarts=restarts,
+    return apgd_loop(model, x, y, eps, obj, threat, lo, hi, steps=steps, rho=rho, restarts=restarts,
                    early_stop=early_stop, generator=generator, n_target_classes=n_target_classes)

@@ -17,7 +17,7 @@ from typing import Optional
 import torch
 
 from ..attacks import core
-from ..attacks.apgd import _attack as _apgd_loop
+from ..attacks.apgd import apgd_loop
 from ..attacks.checks import check_int
 from ..attacks.registry import ATTACKS, get_attack
 from .specs import AttackSpec, make_attack, resolve_attack, resolve_attacks
@@ -68,8 +68,8 @@ def apgd_eot(model, x, y, *, eps, draws=EOT_DRAWS, steps=100, loss="ce", restart
     al. 2018): AutoAttack's ``rand`` version for models with randomness in the forward pass."""
     x, y, eps, lo, hi, obj, threat = core.setup(model, x, y, eps, False, clip_min, clip_max, loss, amp, norm)
     # The APGD loop takes its objective as an argument; EoT changes only the objective.
-    return _apgd_loop(model, x, y, eps, EoTObjective(obj, draws), threat, lo, hi, steps=steps, rho=rho,
-                      restarts=restarts, early_stop=early_stop, generator=generator)
+    return apgd_loop(model, x, y, eps, EoTObjective(obj, draws), threat, lo, hi, steps=steps, rho=rho,
+                     restarts=restarts, early_stop=early_stop, generator=generator)
 
 
 def _eot_spec(label: str, params: dict) -> AttackSpec:
