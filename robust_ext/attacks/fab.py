@@ -44,7 +44,7 @@ from . import checks, core
 from .core import eval_mode, rows_of
 from .fab_projections import project_l2, project_linf
 
-__all__ = ["fab", "fab_t", "FINAL_SEARCH_STEPS"]
+__all__ = ["fab", "fab_t", "check_fab_params", "FINAL_SEARCH_STEPS"]
 
 FINAL_SEARCH_STEPS = 3  # the original FAB's linear approximation search
 _NORMS = {"linf": (project_linf, 1.0, math.inf), "l2": (project_l2, 2.0, 2.0)}  # projection, dual p, p
@@ -207,6 +207,13 @@ def _check_float(value, name, low, high, low_included=True):
     return float(value)
 
 
+def check_fab_params(alpha_max, eta, beta):
+    """``(alpha_max, eta, beta)`` as floats: ``alpha_max`` and ``beta`` in [0, 1], ``eta`` > 0."""
+    return (_check_float(alpha_max, "alpha_max", 0.0, 1.0),
+            _check_float(eta, "eta", 0.0, checks.MAX_BUDGET, low_included=False),
+            _check_float(beta, "beta", 0.0, 1.0))
+
+
 def fab(model, x, y, *, eps, steps=100, restarts=1, targeted=False, n_target_classes=9, norm="linf",
         alpha_max=0.1, eta=1.05, beta=0.9, early_stop=True, clip_min=0.0, clip_max=1.0,
         generator: Optional[torch.Generator] = None):
@@ -240,9 +247,7 @@ def fab(model, x, y, *, eps, steps=100, restarts=1, targeted=False, n_target_cla
     steps = checks.check_int(steps, "steps", 1)
     restarts = checks.check_int(restarts, "restarts", 1)
     n_target_classes = checks.check_int(n_target_classes, "n_target_classes", 1)
-    alpha_max = _check_float(alpha_max, "alpha_max", 0.0, 1.0)
-    eta = _check_float(eta, "eta", 0.0, checks.MAX_BUDGET, low_included=False)
-    beta = _check_float(beta, "beta", 0.0, 1.0)
+    alpha_max, eta, beta = check_fab_params(alpha_max, eta, beta)
     if not isinstance(targeted, bool) or not isinstance(early_stop, bool):
         raise ValueError(f"targeted and early_stop must be True or False, got {targeted!r} and {early_stop!r}")
     out = x.clone()
