@@ -1,8 +1,8 @@
-"""Evasion attacks on the fused ops, under L-inf or L2: FGSM/FGM, FGSM-RS, BIM, PGD, APGD/APGD-T, the Square
-Attack, and random noise.
+"""Evasion attacks on the fused ops, under L-inf or L2: FGSM/FGM, FGSM-RS, BIM, PGD, APGD/APGD-T, FAB/FAB-T, the
+Square Attack, and random noise.
 
 A functional core (:func:`fgsm`, :func:`fgsm_rs`, :func:`bim`, :func:`pgd`, :func:`apgd`, :func:`apgd_t`,
-:func:`noise`, :func:`square`), thin classes with
+:func:`fab`, :func:`fab_t`, :func:`noise`, :func:`square`), thin classes with
 torchattacks' call shape (``PGD(model, eps=8/255, alpha=2/255, steps=10)(images, labels)``, ``PGDL2``,
 ``FGM``), the attack core they share (:mod:`.core`), the threat models (:mod:`.threats`: ``LINF``, ``L2`` or
 your own), the losses (:mod:`.losses`) and the registry of named attacks (:mod:`.registry`).
@@ -46,7 +46,8 @@ Conventions shared by every attack:
   dynamic shapes).
 """
 from .apgd import apgd, apgd_t
-from .classes import APGD, APGDT, BIM, FGM, FGSM, FGSM_RS, PGD, PGDL2, Attack, Square
+from .classes import APGD, APGDT, BIM, FAB, FABT, FGM, FGSM, FGSM_RS, PGD, PGDL2, Attack, Square
+from .fab import fab, fab_t
 from .fgsm import fgsm, fgsm_rs
 from .losses import LOSSES, Loss, register_loss
 from .noise import noise
@@ -55,7 +56,7 @@ from .registry import ATTACKS, AttackEntry, register_attack
 from .square import square
 from .threats import L2, LINF, NORMS, ThreatModel
 
-__all__ = ["fgsm", "fgsm_rs", "bim", "pgd", "apgd", "apgd_t", "noise", "Attack", "FGSM", "FGM", "FGSM_RS", "BIM",
-           "PGD", "PGDL2", "APGD", "APGDT", "square", "Square",
+__all__ = ["fgsm", "fgsm_rs", "bim", "pgd", "apgd", "apgd_t", "fab", "fab_t", "noise", "Attack", "FGSM", "FGM",
+           "FGSM_RS", "BIM", "PGD", "PGDL2", "APGD", "APGDT", "FAB", "FABT", "square", "Square",
            "LOSSES", "Loss", "register_loss", "ATTACKS", "AttackEntry", "register_attack", "ThreatModel", "LINF",
            "L2", "NORMS"]

@@ -6,6 +6,7 @@ import torch
 
 from . import checks
 from .apgd import _check_rho, apgd, apgd_t
+from .fab import check_fab_params, fab, fab_t
 from .fgsm import fgsm, fgsm_rs
 from .pgd import bim, pgd
 from .square import _check_p_init, square
@@ -185,3 +186,51 @@ class Square(Attack):
         super().__init__(model, norm=norm, eps=eps, n_queries=n_queries, restarts=restarts, p_init=p_init, loss=loss,
                          targeted=targeted, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, amp=amp,
                          generator=generator, fuse=fuse)
+
+
+class _NoLossAttack(Attack):
+    """An attack without a loss or amp (FAB): the shared constructor checks expect both, so they get the
+    neutral values for the checks and are then dropped."""
+
+    def __init__(self, model, **params):
+        super().__init__(model, loss="ce", amp=False, **params)
+        self._names = tuple(k for k in self._names if k not in ("loss", "amp"))
+        del self.loss, self.amp
+
+
+class FAB(_NoLossAttack):
+    """FAB (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary attack");
+    see :func:`fab`. torchattacks' ``FAB`` argument order; a point not fooled within ``eps`` comes back clean.
+
+    >>> atk = FAB(model, norm="linf", eps=8/255, steps=100, restarts=1)
+    >>> adv_images = atk(images, labels)
+    """
+
+    _fn = staticmethod(fab)
+
+    def __init__(self, model, norm="linf", eps=8 / 255, steps=100, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9, *,
+                 early_stop=True, clip_min=0.0, clip_max=1.0, generator=None, fuse=False):
+        check_fab_params(alpha_max, eta, beta)
+        super().__init__(model, norm=norm, eps=eps, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta,
+                         beta=beta, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, generator=generator,
+                         fuse=fuse)
+
+
+class FABT(_NoLossAttack):
+    """FAB-T (Croce & Hein 2020): FAB towards each of the ``n_target_classes`` most likely other classes; see
+    :func:`fab_t` (AutoAttack's ``fab-t``).
+
+    >>> atk = FABT(model, norm="linf", eps=8/255, steps=100, restarts=1, n_target_classes=9)
+    >>> adv_images = atk(images, labels)
+    """
+
+    _fn = staticmethod(fab_t)
+
+    def __init__(self, model, norm="linf", eps=8 / 255, steps=100, restarts=1, *, n_target_classes=9,
+                 alpha_max=0.1, eta=1.05, beta=0.9, early_stop=True, clip_min=0.0, clip_max=1.0, generator=None,
+                 fuse=False):
+        checks.check_int(n_target_classes, "n_target_classes", 1)
+        check_fab_params(alpha_max, eta, beta)
+        super().__init__(model, norm=norm, eps=eps, steps=steps, restarts=restarts,
+                         n_target_classes=n_target_classes, alpha_max=alpha_max, eta=eta, beta=beta,
+                         early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, generator=generator, fuse=fuse)

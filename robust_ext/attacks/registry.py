@@ -12,6 +12,7 @@ from typing import Any, Callable, Dict, Optional, Tuple
 
 from . import checks
 from .apgd import apgd, apgd_t
+from .fab import fab, fab_t
 from .fgsm import FGSM_RS_ALPHA, fgsm, fgsm_rs
 from .noise import noise
 from .pgd import bim, pgd
@@ -143,6 +144,13 @@ for _entry in (
                                    "rho": 0.75, "early_stop": True, "amp": False},
                 summary="APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss towards each of the 9 most "
                         "likely other classes"),
+    AttackEntry("fab", fab, {"steps": 100, "restarts": 1, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9,
+                             "early_stop": True},
+                summary="FAB (Croce & Hein 2020): minimal adversarial examples by projections onto the linearized "
+                        "boundary; fooled when found within eps"),
+    AttackEntry("fab_t", fab_t, {"steps": 100, "restarts": 1, "n_target_classes": 9, "alpha_max": 0.1, "eta": 1.05,
+                                 "beta": 0.9, "early_stop": True},
+                summary="FAB-T (Croce & Hein 2020): FAB towards each of the 9 most likely other classes"),
     AttackEntry("square", square, {"n_queries": 5000, "p_init": 0.8, "loss": "margin", "restarts": 1,
                                    "early_stop": True, "amp": False}, norms=("linf", "l2"),
                 summary="Square Attack (Andriushchenko et al. 2020): score-based random search over square windows, "
