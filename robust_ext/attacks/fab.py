@@ -41,6 +41,8 @@ import torch
 
 from ..reference import compute_dtype
 from . import checks, core
+from .apgd import _Batch, _leave
+from .apgd import _rows_view as _view
 from .core import eval_mode, rows_of
 from .fab_projections import project_l2, project_linf
 
@@ -49,10 +51,6 @@ __all__ = ["fab", "fab_t", "check_fab_params", "FINAL_SEARCH_STEPS"]
 FINAL_SEARCH_STEPS = 3  # the original FAB's linear approximation search
 _NORMS = {"linf": (project_linf, 1.0, math.inf), "l2": (project_l2, 2.0, 2.0)}  # projection, dual p, p
 _MIN_STEP = 1e-8  # the reference's floor on the two steps' norms in the bias towards x
-
-
-def _view(v, like):
-    return v.view((-1,) + (1,) * (like.dim() - 1))
 
 
 def _boundary(model, x1, y, target, dual_p, dtype):
@@ -122,33 +120,9 @@ def _final_search(model, x0, adv, y, dtype):
     return hi_pt
 
 
-class _Run:
-    """The per-sample state of one FAB run over the samples still running, compacted when some leave."""
-
-    def __init__(self, **state):
-        self.__dict__.update(state)
-
-    def keep(self, index):
-        for name, v in list(vars(self).items()):
-            if isinstance(v, torch.Tensor):
-                setattr(self, name, v.index_select(0, index))
-
-
 def _within(s):
     eps = s.eps.to(torch.float64) if isinstance(s.eps, torch.Tensor) else s.eps
     return s.best <= eps
-
-
-def _leave(s, leaving, out, done):
-    """The samples ``leaving`` (fooled within eps) go to ``out``; the rest stay in the batch."""
-    gone = leaving.nonzero().squeeze(1)
-    if gone.numel() == 0:
-        return
-    rows = s.rows.index_select(0, gone)
-    out.index_copy_(0, rows, s.adv.index_select(0, gone))
-    done.index_fill_(0, rows, True)
-    s.left.append(rows)
-    s.keep((~leaving).nonzero().squeeze(1))
 
 
 def _run(model, s, threat, p, dual_p, project, *, steps, alpha_max, eta, beta, lo, hi, early_stop, out, done):
@@ -169,19 +143,19 @@ def _run(model, s, threat, p, dual_p, project, *, steps, alpha_max, eta, beta, l
             fooled = model(xq).argmax(1) != s.y
         dist = threat.distance(xq, s.x0q)
         better = fooled & (dist < s.best)
-        s.adv = torch.where(_view(better, xq), xq, s.adv)
+        s.x_adv = torch.where(_view(better, xq), xq, s.x_adv)
         s.best = torch.where(better, dist, s.best)
         s.x1 = torch.where(_view(fooled, s.x1), s.x0 + (s.x1 - s.x0) * beta, s.x1)
         if early_stop:
-            _leave(s, _within(s), out, done)  # the host sync early stop needs, once per iteration
+            _leave(s, _within(s), out, done)  # early stop's host sync, once per iteration
             if s.rows.numel() == 0:
                 return
     beyond = (s.best < math.inf) & ~_within(s)
     idx = beyond.nonzero().squeeze(1)
     if idx.numel():
-        closer = _final_search(model, s.x0.index_select(0, idx), s.adv.index_select(0, idx).to(s.x0.dtype),
+        closer = _final_search(model, s.x0.index_select(0, idx), s.x_adv.index_select(0, idx).to(s.x0.dtype),
                                s.y.index_select(0, idx), dtype).to(dtype)
-        s.adv.index_copy_(0, idx, closer)
+        s.x_adv.index_copy_(0, idx, closer)
         s.best.index_copy_(0, idx, threat.distance(closer, s.x0q.index_select(0, idx)))
     _leave(s, _within(s), out, done)
 
@@ -273,12 +247,13 @@ def fab(model, x, y, *, eps, steps=100, restarts=1, targeted=False, n_target_cla
                 x0q = x.index_select(0, rows)
                 x0, e = x0q.to(work), rows_of(eps, rows)
                 x1 = _start(x0, e, p, generator).clamp_(lo, hi) if restart else x0.clone()
-                s = _Run(rows=rows, x0=x0, x0q=x0q, y=y.index_select(0, rows), t=rows_of(target, rows), eps=e, x1=x1,
-                         adv=x0q.clone(), best=torch.full((rows.numel(),), math.inf, dtype=torch.float64,
-                                                          device=x.device), left=[])
+                s = _Batch(rows=rows, x0=x0, x0q=x0q, y=y.index_select(0, rows), t=rows_of(target, rows), eps=e,
+                           x1=x1, x_adv=x0q.clone(),
+                           best=torch.full((rows.numel(),), math.inf, dtype=torch.float64, device=x.device))
+                before = done.clone()
                 _run(model, s, threat, p, dual_p, project, steps=steps, alpha_max=alpha_max, eta=eta, beta=beta,
                      lo=lo, hi=hi, early_stop=early_stop, out=out, done=done)
-                _confirm(model, x, y, out, done, torch.cat(s.left) if s.left else rows[:0])
+                _confirm(model, x, y, out, done, (done & ~before).nonzero().squeeze(1))
     return out
 
 
