@@ -235,19 +235,20 @@ def _leave(st, hit, out, done):
     hit_cpu = hit.cpu()  # the host sync early stop needs, once per query
     if not bool(hit_cpu.any()):
         return
-    fooled = hit.nonzero().squeeze(1)
-    leaving = st.rows.index_select(0, fooled)
-    out.index_copy_(0, leaving, st.x_best.index_select(0, fooled).to(out.dtype))
+    gone = hit_cpu.nonzero().squeeze(1).to(hit.device)
+    leaving = st.rows.index_select(0, gone)
+    out.index_copy_(0, leaving, st.x_best.index_select(0, gone).to(out.dtype))
     done.index_fill_(0, leaving, True)
     keep_cpu = (~hit_cpu).nonzero().squeeze(1)
     st.keep(keep_cpu.to(hit.device), keep_cpu)
 
 
-def _restart(obj, threat, norm, x, y, eps, rows, rows_cpu, n_total, gen, *, n_queries, p_init, lo, hi, early_stop,
+def _restart(obj, threat, x, y, eps, rows, rows_cpu, n_total, gen, *, n_queries, p_init, lo, hi, early_stop,
              out, done, best):
     """One run of the search on the samples ``rows`` (none fooled yet): a fooled sample's point goes to
     ``out`` and ``done`` is set; one not fooled gets its lowest-loss point in ``out`` when it beats ``best``."""
     n, c, h, w = x.shape
+    norm = threat.name
     if norm == "linf":
         start = stripes_init(x, eps, _draw(gen, n_total, (c, w), rows_cpu, x.device))
     else:
@@ -356,7 +357,7 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, loss="margin", resta
             if rows_cpu.numel() == 0:
                 break
             rows = rows_cpu.to(x.device)
-            _restart(obj, threat, threat.name, xc.index_select(0, rows), y.index_select(0, rows), rows_of(eps, rows),
+            _restart(obj, threat, xc.index_select(0, rows), y.index_select(0, rows), rows_of(eps, rows),
                      rows, rows_cpu, n, gen, n_queries=n_queries, p_init=p_init, lo=lo, hi=hi,
                      early_stop=early_stop, out=out, done=done, best=best)
     return out
