@@ -76,6 +76,12 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T nan_to_zero(T g) {
   return g == g ? g : T(0);
 }
 
+// |g| with comparisons only (the same code on host and device, where abs() overloads vary).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T abs_of(T v) {
+  return v < T(0) ? -v : v;
+}
+
 // The first pass sums nan_to_zero(g)^2; a sum outside [kLow, kHigh] (0, tiny, huge or inf) asks for a
 // second pass scaled by l2_rescale(max |g|).
 template <typename T>

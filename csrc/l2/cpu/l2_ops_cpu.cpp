@@ -75,7 +75,7 @@ RX_CLONES compute_t<S> grad_max_abs(const S* __restrict g, int64_t n) {
   using T = compute_t<S>;
   T m = 0;
   for (int64_t i = 0; i < n; ++i) {
-    const T v = std::abs(math::nan_to_zero(widen(g[i])));
+    const T v = math::abs_of(math::nan_to_zero(widen(g[i])));
     m = v > m ? v : m;
   }
   return m;
@@ -153,13 +153,10 @@ RX_CLONES void gaussians(int64_t begin, int64_t end, uint32_t k0, uint32_t k1, T
   cpu::for_philox_runs(begin, end, k0, k1, words_run);
 }
 
-// The chunk's deviates: elements [b, e) of the sample starting at logical index `first`.
+// A chunk's deviates.
 template <typename T>
 struct ChunkGaussians {
   T z[kSumChunk];
-  void fill(int64_t first, int64_t b, int64_t e, uint32_t k0, uint32_t k1) {
-    gaussians<T>(first + b, first + e, k0, k1, z);
-  }
 };
 
 // out = clip(x + v * k): the init's write (v = z) and the step's from its kept d (k = f).
@@ -317,30 +314,34 @@ struct InitJob : RowState<S> {
       : RowState<S>(r.count), out(out), x(x), n(r.numel), eps(eps), lo(lo), hi(hi),
         k0(static_cast<uint32_t>(key)), k1(static_cast<uint32_t>(key >> 32)) {}
 
-  void sums(int, int64_t s, int64_t c0, int64_t c1, T* part, T*) const {
+  // With `kept` the deviates of the whole sample stay there for the write (else it draws them again).
+  void sums(int, int64_t s, int64_t c0, int64_t c1, T* part, T* kept) const {
     ChunkGaussians<T> z;
     for (int64_t c = c0; c < c1; ++c) {
       const int64_t b = c * kSumChunk, e = std::min(n, b + kSumChunk);
-      z.fill(s * n, b, e, k0, k1);
-      part[c] = chunk_sum<T>(e - b, [&](int64_t i) RX_INLINE_LAMBDA { return z.z[i]; });
+      T* zc = kept ? kept + b : z.z;
+      gaussians<T>(s * n + b, s * n + e, k0, k1, zc);
+      part[c] = chunk_sum<T>(e - b, [&](int64_t i) RX_INLINE_LAMBDA { return zc[i]; });
     }
   }
   void finish(int, int64_t s, T* part) {
     const T radius = math::l2_radius<T>(s, n, k0, k1, eps[s]);
     this->coef[s] = math::l2_coef(radius, math::chunk_tree(part, math::sum_chunks(n)));
   }
-  void write(int64_t s, int64_t b, int64_t e, const T*) const {
+  void write(int64_t s, int64_t b, int64_t e, const T* kept) const {
+    if (kept) {
+      scaled_write<S>(out + s * n + b, x + s * n + b, kept + b, e - b, this->coef[s], lo, hi);
+      return;
+    }
     ChunkGaussians<T> z;
     for (int64_t i = b; i < e; i += kSumChunk) {
       const int64_t stop = std::min(e, i + kSumChunk);
-      z.fill(s * n, i, stop, k0, k1);
+      gaussians<T>(s * n + i, s * n + stop, k0, k1, z.z);
       scaled_write<S>(out + s * n + i, x + s * n + i, z.z, stop - i, this->coef[s], lo, hi);
     }
   }
 };
 
-// The storage words the jobs and loops (their S) read and write: cpu/words.h's, bf16 as uint16_t widened
-// and rounded with bit operations that vectorize (the same values as c10::BFloat16's conversions).
 template <typename S>
 typename Word<S>::type* ptr(const at::Tensor& t) {
   return static_cast<typename Word<S>::type*>(t.data_ptr());

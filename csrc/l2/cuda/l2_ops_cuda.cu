@@ -35,7 +35,8 @@ __device__ void block_chunk_sums(int64_t n, int64_t count, int64_t c_first, int6
     const int64_t c = base + group;
     T acc = T(0);
     if (c < count) {
-      const int64_t first = c * math::kSumChunk, len = min(math::kSumChunk, n - first);
+      const int64_t first = c * math::kSumChunk;
+      const int64_t len = n - first < math::kSumChunk ? n - first : math::kSumChunk;
       for (int m = 0; m < math::kSumDepth; ++m) {
         const int64_t k = m * math::kSumLanes + lane;
         if (k < len) {
@@ -129,7 +130,8 @@ struct Job {
       T sc = T(1);
       if (math::l2_needs_rescale(sum)) {
         const S* gs = g + s * n;
-        sc = math::l2_rescale(block_max<T>(n, [&](int64_t i) { return abs(math::nan_to_zero(static_cast<T>(gs[i]))); }));
+        sc = math::l2_rescale(
+            block_max<T>(n, [&](int64_t i) { return math::abs_of(math::nan_to_zero(static_cast<T>(gs[i]))); }));
         block_chunk_sums<T>(n, count, 0, kGroups, part, [&](int64_t i) { return math::l2_direction(static_cast<T>(gs[i]), sc); });
         sum = block_tree(part, count);
       }
