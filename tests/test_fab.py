@@ -7,7 +7,7 @@
   ``eps`` is a little above it (the reference's 1.05 overshoot and 0.9 backward step converge from above) and
   never below it; FAB-T finds it only when the nearest boundary's class is among its target classes.
 * Invariants: within eps and the box, dtype kept, points not fooled returned clean, early stop equals running
-  every iteration, reproducibility.
+  every iteration, the model's mode and parameters' grads untouched, reproducibility.
 * Strength on conftest's digits CNN against torchattacks' FAB (a port of the reference; 100 steps, one restart;
   ``multi_targeted`` with 10 classes for FAB-T), L-inf and L2, on the first 100 of the 250 test digits to keep
   the file short.
@@ -23,6 +23,8 @@ from torch import nn
 from robust_ext import attacks as A
 from robust_ext.attacks.fab import fab, fab_t
 from robust_ext.attacks.fab_projections import project_l2, project_linf
+
+from conftest import DEVICES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
 
@@ -248,6 +250,15 @@ def test_dtype_kept_and_misclassified_returned_clean(digits):
     assert fab(model, x[:0], y[:0], eps=0.1).shape == x[:0].shape
 
 
+def test_model_mode_and_parameter_grads(digits):
+    model, x, y = digits
+    trained = copy.deepcopy(model).train()
+    out = fab(trained, x[:16], y[:16], eps=EPS["linf"], steps=5)
+    assert trained.training and all(m.training for m in trained.modules())
+    assert all(p.grad is None for p in trained.parameters())
+    torch.testing.assert_close(out, fab(model, x[:16], y[:16], eps=EPS["linf"], steps=5), rtol=0, atol=0)
+
+
 @pytest.mark.parametrize("norm,targeted", [("linf", False), ("l2", True)])
 def test_early_stop_equals_every_iteration_in_robust_accuracy(digits, norm, targeted):
     model, x, y = digits
@@ -257,6 +268,18 @@ def test_early_stop_equals_every_iteration_in_robust_accuracy(digits, norm, targ
     full = fab(model, x, y, early_stop=False, generator=gen(), **kw)
     assert torch.equal(fooled(model, stopped, y), fooled(model, full, y))
     assert 0.1 < fooled(model, full, y).float().mean() < 0.9
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_device_comes_from_the_inputs(digits, device):
+    model, x, y = digits
+    x, y = x[:32], y[:32]
+    on_device = copy.deepcopy(model).to(device)
+    for norm in ("linf", "l2"):
+        x_adv = fab(on_device, x.to(device), y.to(device), eps=EPS[norm], norm=norm, steps=10, restarts=2,
+                    generator=torch.Generator(device).manual_seed(0))
+        assert x_adv.device == x.to(device).device
+        assert (dist(x_adv.cpu(), x, P[norm]) <= EPS[norm] + 1e-6).all() and fooled(model, x_adv.cpu(), y).any()
 
 
 def test_reproducible_from_a_generator(digits):

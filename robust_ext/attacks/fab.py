@@ -28,8 +28,8 @@ Beyond the AutoAttack version:
 * ``early_stop=True`` (the default): a point leaves the batch as soon as an adversarial example within ``eps``
   is found. FAB would go on shrinking it, but the point counts as fooled either way: the robust accuracy is that
   of running every iteration (``early_stop=False``), in less time.
-* Every point returned as fooled is checked by one more forward of the batch it is returned in (as the
-  reference re-predicts each run's output); one the model classifies correctly there stays unfooled.
+* The points a run fooled are re-predicted together after it (as the reference re-predicts each run's
+  output): one the model then classifies correctly goes back to ``x`` and stays to be attacked.
 """
 from __future__ import annotations
 
