@@ -106,15 +106,22 @@ def _signs(u: torch.Tensor) -> torch.Tensor:
     return torch.where(u < 0.5, -1.0, 1.0)
 
 
-def _offsets(u: torch.Tensor, length: int, s: int) -> torch.Tensor:
-    """A window's first index, uniform in ``[0, length - s)`` (0 when the window fills the length)."""
-    return (u * (length - s)).floor_().long()
+def _offsets(u: torch.Tensor, h: int, w: int, s: int) -> torch.Tensor:
+    """Windows' first row and column from uniforms ``u`` ``[n, 2 k]`` (row, column, row, ...): ``[n, k, 2]``,
+    each uniform in ``[0, h - s)`` resp. ``[0, w - s)`` (0 when the window fills the side)."""
+    return torch.stack((u[:, 0::2] * (h - s), u[:, 1::2] * (w - s)), 2).floor_().long()
+
+
+@functools.lru_cache(maxsize=None)
+def _pattern_pair(s: int, dtype, device) -> torch.Tensor:
+    """:func:`square_pattern` and its transpose, ``[2, s, s]`` on ``device`` (cached: read only)."""
+    eta = square_pattern(s)
+    return torch.stack((eta, eta.t())).to(device=device, dtype=dtype)
 
 
 def _patterns(s: int, flip: torch.Tensor, dtype) -> torch.Tensor:
     """:func:`square_pattern` per sample, transposed where ``flip``: ``[n, 1, s, s]``."""
-    eta = square_pattern(s).to(device=flip.device, dtype=dtype)
-    return torch.where(flip.view(-1, 1, 1, 1), eta.t(), eta)
+    return _pattern_pair(s, dtype, flip.device).index_select(0, flip.long()).unsqueeze(1)
 
 
 def stripes_init(x, eps, u):
@@ -155,12 +162,13 @@ def _scaled(delta, eps):
     return delta / (norm + 1e-12) * e
 
 
-def _window_mask(top, left, s, h, w):
-    """``[n, 1, h, w]`` boolean: the ``s x s`` windows at ``(top, left)``, one per sample."""
-    rows = torch.arange(h, device=top.device)
-    cols = torch.arange(w, device=top.device)
-    in_h = (rows >= top[:, None]) & (rows < top[:, None] + s)
-    in_w = (cols >= left[:, None]) & (cols < left[:, None] + s)
+def _window_mask(corner, s, h, w):
+    """``[n, 1, h, w]`` boolean: each sample's ``s x s`` window at ``corner`` ``[n, 2]`` (row, column)."""
+    rows = torch.arange(h, device=corner.device)
+    cols = torch.arange(w, device=corner.device)
+    top, left = corner[:, :1], corner[:, 1:]
+    in_h = (rows >= top) & (rows < top + s)
+    in_w = (cols >= left) & (cols < left + s)
     return (in_h[:, :, None] & in_w[:, None, :]).unsqueeze(1)
 
 
@@ -168,17 +176,18 @@ def propose_linf(x, x_best, eps, s, u):
     """An L-inf proposal before projection: ``x_best`` with the window (offsets from ``u[:, :2]``) moved by
     ``2 eps * sign`` (one sign per channel from ``u[:, 2:]``), which the projection turns into ``x + eps * sign``."""
     n, c, h, w = x.shape
-    mask = _window_mask(_offsets(u[:, 0], h, s), _offsets(u[:, 1], w, s), s, h, w)
+    mask = _window_mask(_offsets(u[:, :2], h, w, s)[:, 0], s, h, w)
     e = eps.view(-1, 1) if isinstance(eps, torch.Tensor) else eps
     move = (2.0 * e * _signs(u[:, 2:2 + c])).to(x.dtype).view(n, c, 1, 1)
     return torch.where(mask, x_best + move, x_best)
 
 
-def _flat_window(top, left, s, w, c):
-    """Flat ``h * w`` indices of each sample's window, ``[n, c, s * s]`` row-major."""
-    ar = torch.arange(s, device=top.device)
-    idx = ((top[:, None] + ar) * w)[:, :, None] + (left[:, None] + ar)[:, None, :]
-    return idx.view(-1, 1, s * s).expand(-1, c, -1)
+def _flat_windows(corners, s, w):
+    """Flat ``h * w`` indices of each sample's windows at ``corners`` ``[n, k, 2]``: ``[n, k, s * s]``, row-major."""
+    ar = torch.arange(s, device=corners.device)
+    rows = (corners[:, :, :1] + ar) * w
+    cols = corners[:, :, 1:] + ar
+    return (rows[:, :, :, None] + cols[:, :, None, :]).flatten(2)
 
 
 def propose_l2(x, x_best, eps, s, u):
@@ -190,15 +199,15 @@ def propose_l2(x, x_best, eps, s, u):
     n, c, h, w = x.shape
     cd = compute_dtype(x.dtype)
     xx = x.to(cd)
-    delta = (x_best.to(cd) - xx).reshape(n, c, h * w).contiguous()
-    top1, left1, top2, left2 = (_offsets(u[:, k], h if k % 2 == 0 else w, s) for k in range(4))
-    idx1, idx2 = _flat_window(top1, left1, s, w, c), _flat_window(top2, left2, s, w, c)
+    delta = (x_best.to(cd) - xx).reshape(n, c, h * w)
+    idx = _flat_windows(_offsets(u[:, :4], h, w, s), s, w)
+    idx1, idx2 = (idx[:, k:k + 1].expand(n, c, s * s) for k in (0, 1))
     old = delta.gather(2, idx1)
     norm_old = old.square().sum(2, keepdim=True).sqrt()
     norm_image = delta.square().sum((1, 2), keepdim=True).sqrt()
-    both = (_window_mask(top1, left1, s, h, w) | _window_mask(top2, left2, s, h, w)).view(n, 1, h * w)
+    both = torch.zeros((n, 1, h * w), dtype=torch.bool, device=x.device).scatter_(2, idx.view(n, 1, -1), True)
     norm_windows = torch.where(both, delta, 0.0).square().sum(2, keepdim=True).sqrt()
-    new = _patterns(s, u[:, 4 + c] >= 0.5, cd).reshape(n, 1, s * s) * _signs(u[:, 4:4 + c]).to(cd).view(n, c, 1)
+    new = _patterns(s, u[:, 4 + c] >= 0.5, cd).view(n, 1, s * s) * _signs(u[:, 4:4 + c]).to(cd).view(n, c, 1)
     new = new + old / (1e-12 + norm_old)
     e = eps.view(-1, 1, 1) if isinstance(eps, torch.Tensor) else eps
     budget = ((e * e - norm_image.square()).clamp_min(0.0) / c + norm_windows.square()).sqrt()
