@@ -8,6 +8,8 @@
   never below it; FAB-T finds it only when the nearest boundary's class is among its target classes.
 * Invariants: within eps and the box, dtype kept, points not fooled returned clean, early stop equals running
   every iteration, the model's mode and parameters' grads untouched, reproducibility.
+* The reference's trajectory: the first run (no random start) finds the same smallest perturbation per point
+  as torchattacks' ``FAB`` (a port of fra31/auto-attack's), up to float rounding.
 * Strength on conftest's digits CNN against torchattacks' FAB (a port of the reference; 100 steps, one restart;
   ``multi_targeted`` with 10 classes for FAB-T), L-inf and L2, on the first 100 of the 250 test digits to keep
   the file short.
@@ -289,7 +291,28 @@ def test_reproducible_from_a_generator(digits):
     assert torch.equal(runs[0], runs[1]) and not torch.equal(runs[0], runs[2])
 
 
-# ---- strength against torchattacks -----------------------------------------------------------------------
+# ---- the reference's trajectory and strength, against torchattacks ------------------------------------------
+
+@pytest.mark.parametrize("norm", ["linf", "l2"])
+@pytest.mark.parametrize("targeted", [False, True])
+def test_first_run_is_the_references(digits, norm, targeted):
+    """The first run starts at x (no randomness): with a budget no point exceeds and every iteration run, the
+    smallest adversarial perturbation found per point is the reference's, up to float rounding."""
+    torchattacks = pytest.importorskip("torchattacks")
+    model, x, y = digits
+    x, y = x[:50], y[:50]
+    ref = torchattacks.FAB(model, norm="Linf" if norm == "linf" else "L2", eps=1e6, steps=100, n_restarts=1,
+                           multi_targeted=targeted, n_classes=10)
+    if targeted:
+        ref.target_class = 2  # the most likely other class
+        theirs = ref.attack_single_run_targeted(x, y, use_rand_start=False)
+    else:
+        theirs = ref.attack_single_run(x, y, use_rand_start=False)
+    ours = fab(model, x, y, eps=1e6, norm=norm, targeted=targeted, n_target_classes=1, early_stop=False)
+    assert torch.equal(fooled(model, ours, y), fooled(model, theirs, y)) and fooled(model, ours, y).all()
+    torch.testing.assert_close(dist(ours, x, P[norm]), dist(theirs, x, P[norm]), rtol=0, atol=1e-4)
+
+
 
 @pytest.mark.parametrize("norm", ["linf", "l2"])
 @pytest.mark.parametrize("targeted", [False, True])
