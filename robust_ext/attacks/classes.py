@@ -188,17 +188,7 @@ class Square(Attack):
                          generator=generator, fuse=fuse)
 
 
-class _NoLossAttack(Attack):
-    """An attack without a loss or amp (FAB): the shared constructor checks expect both, so they get the
-    neutral values for the checks and are then dropped."""
-
-    def __init__(self, model, **params):
-        super().__init__(model, loss="ce", amp=False, **params)
-        self._names = tuple(k for k in self._names if k not in ("loss", "amp"))
-        del self.loss, self.amp
-
-
-class FAB(_NoLossAttack):
+class FAB(Attack):
     """FAB (Croce & Hein 2020, "Minimally distorted adversarial examples with a fast adaptive boundary attack");
     see :func:`fab`. torchattacks' ``FAB`` argument order; a point not fooled within ``eps`` comes back clean.
 
@@ -216,7 +206,7 @@ class FAB(_NoLossAttack):
                          fuse=fuse)
 
 
-class FABT(_NoLossAttack):
+class FABT(Attack):
     """FAB-T (Croce & Hein 2020): FAB towards each of the ``n_target_classes`` most likely other classes; see
     :func:`fab_t` (AutoAttack's ``fab-t``).
 
