@@ -344,8 +344,9 @@ def cmd_evaluate(args) -> int:
         from .evaluation import autoattack
 
         aa = autoattack(model, ds, eps=args.eps, norm=args.norm, version=args.version, fuse=args.fuse, seed=args.seed,
-                        progress=_progress(args), model_name=Path(args.model).name, data_name=args.data,
-                        state_path=args.out, return_adversarial=False)
+                        progress=_progress(args), model_name=Path(args.model).name if args.model else args.model_factory,
+                        data_name=args.data, clip_min=args.clip_min, clip_max=args.clip_max, state_path=args.out,
+                        return_adversarial=False)
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return 0  # one report, written by rank 0
         aa.to_json(Path(args.out) / "autoattack.json")
