@@ -16,7 +16,7 @@ implementation's (fra31/auto-attack, ``autoattack/square.py``; torchattacks port
 * The loss is ``loss`` on the logits (``"margin"``: ``max_{j != y} z_j - z_y``, the default; ``"ce"``).
   A sample is fooled when the model's prediction changes (targeted: becomes ``y``).
 
-Per sample, these differences from the reference change nothing in how a sample's search is distributed:
+Differences from the reference, none of which changes how a sample's search is distributed:
 
 * Every random choice is drawn per sample: the reference shares the window position and the L-inf channel signs
   between all images of a batch (the paper's Algorithm 1 and its first implementation draw them per image).
@@ -26,8 +26,8 @@ Per sample, these differences from the reference change nothing in how a sample'
 * A sample leaves the working batch at its first fooling query and keeps that point (``early_stop=True``):
   only samples still robust are queried, and the loop ends when none is left. This is the reference's own
   behaviour (it queries only points with a positive margin), minus the queries of rows already fooled. With
-  ``early_stop=False`` the whole batch is queried every time, fooled rows frozen: the same result, no
-  host sync, every query run.
+  ``early_stop=False`` the whole batch is queried every time, fooled rows frozen: the same result, every query
+  run, no host sync per query (but amp's confirmations).
 * A sample the model does not fool comes back as its lowest-loss point over the restarts (the reference
   returns the clean image); a fooled one as its first fooling point; a misclassified one unchanged.
 * The ball and the bounds are the threat model's projection (``clip_min``/``clip_max`` instead of 0 and 1);
@@ -36,7 +36,10 @@ Per sample, these differences from the reference change nothing in how a sample'
 
 Kept from the reference on purpose: the window's offset is uniform in ``[0, h - s)`` (the last position is never
 drawn), the schedule is rescaled to ``n_queries`` by ``int(i / n_queries * 10000)``, the start counts as a
-query, so a sample costs at most ``n_queries + 1`` forwards per restart.
+query, so a sample costs at most ``n_queries + 1`` forwards per restart (and one for the clean check). So is
+the L2 update's ill-conditioned case: when window 1's content is proportional to minus the pattern about to be
+added (an earlier query wrote that pattern there with the other sign), the new content cancels to rounding noise,
+which the normalization scales up; such a query is as random here as in the reference, not the same.
 
 Host syncs: early stop reads which samples leave once per query (twice with ``amp``, whose fooled rows are
 confirmed in full precision); each restart reads which samples are left. The uniforms of a query are a small
