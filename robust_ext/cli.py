@@ -22,8 +22,30 @@ class UsageError(Exception):
     """A problem with what the user asked for: reported in one line, exit status 2."""
 
 
+DESCRIPTION = ("robust-ext: adversarial attacks, robustness evaluation (AutoAttack included) and adversarial "
+               "training from the command line. 'robust-ext demo' is the main job; 'robust-ext COMMAND --help' "
+               "explains each command.")
+
+
+class _Formatter(argparse.HelpFormatter):
+    """Every option's default shown once: appended where its help text does not already say it."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if ("default" not in text and action.option_strings and action.default is not None
+                and action.default is not argparse.SUPPRESS and not isinstance(action.default, bool)):
+            shown = ",".join(f"{v:g}" for v in action.default) if isinstance(action.default, list) else "%(default)s"
+            text += f" (default: {shown})"
+        return text
+
+
 class _Parser(argparse.ArgumentParser):
-    """argparse with its errors in the same one line as every other usage error (``--help`` shows usage)."""
+    """argparse with its errors in the same one line as every other usage error (``--help`` shows usage),
+    and every option's default in its help."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("formatter_class", _Formatter)
+        super().__init__(*args, **kwargs)
 
     def error(self, message):
         self.exit(2, f"robust-ext: error: {message}\n")
@@ -328,6 +350,8 @@ def cmd_attack(args) -> int:
     write_json(out / "attack.json", result)
     plot_adversarial_examples(model, x[:8], y[:8], x_adv[:8], out / "adversarial_examples.png")
     print(json.dumps(result, indent=2))
+    print("wrote " + ", ".join(str(out / f) for f in ("attack.json", "adversarial.pt", "adversarial_examples.png")),
+          file=sys.stderr)
     return 0
 
 
@@ -366,7 +390,8 @@ def cmd_evaluate(args) -> int:
                       data_name=args.data, plot_dir=args.out, clip_min=args.clip_min, clip_max=args.clip_max)
     report.to_json(Path(args.out) / "report.json")
     print(report.summary())
-    print(f"\nwrote {args.out}/report.json and plots")
+    written = [Path(args.out) / "report.json", *map(Path, report.plots or [])]
+    print("\nwrote " + ", ".join(str(w) for w in written))
     return 0
 
 
@@ -400,32 +425,34 @@ def build_parser() -> argparse.ArgumentParser:
     from .training.config import methods
 
     norms = tuple(NORMS)
-    p = _Parser(prog="robust-ext", description=__doc__.splitlines()[0])
+    p = _Parser(prog="robust-ext", description=DESCRIPTION)
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
-    sub.add_parser("info", help="backend, build and data sets")
+    sub.add_parser("info", help="backend, build and data sets", description="Print which backend serves the ops, "
+                   "how the extension was built and which data sets are available, as JSON.")
 
     d = sub.add_parser("demo", help="standard vs FGSM-RS robust CNN on 5,000 real MNIST digits (MATLAB example)")
     d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
-    d.add_argument("--epochs", type=int, default=10)
+    d.add_argument("--epochs", type=int, default=10, help="training epochs of each model")
     d.add_argument("--amp", type=_amp, default=True,
                    help="on (default: bf16 autocast on CPU, fp16 on CUDA) | off (fp32) | bf16 | fp16")
-    d.add_argument("--seed", type=int, default=0)
+    d.add_argument("--seed", type=int, default=0, help="data order, initialization and attacks' random starts")
     d.add_argument("--quick", action="store_true", help="a short run (1,000 digits, 2 epochs) for smoke tests")
 
     t = sub.add_parser("tradeoff", help="train at several eps, plot clean vs PGD accuracy")
-    t.add_argument("--out", default="tradeoff_out")
+    t.add_argument("--out", default="tradeoff_out", help="output directory")
     t.add_argument("--eps", type=_floats, default=[0.0, 0.05, 0.1, 0.15, 0.2], help="training eps values")
-    t.add_argument("--eval-eps", type=float, default=0.1)
-    t.add_argument("--epochs", type=int, default=5)
+    t.add_argument("--eval-eps", type=_number, default=0.1, help="the eps of the PGD-20 evaluation")
+    t.add_argument("--epochs", type=int, default=5, help="training epochs of each model")
     t.add_argument("-n", type=int, default=500, help="test digits to evaluate")
     t.add_argument("--amp", type=_amp, default=True, help="on (default) | off | bf16 | fp16")
-    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--seed", type=int, default=0, help="data order, initialization and attacks' random starts")
 
     tr = sub.add_parser("train", help="train a model (standard, fgsm_rs or pgd) on a data set")
     tr.add_argument("--data", default="mnist5k", help=_DATA_HELP)
-    tr.add_argument("--data-dir")
+    tr.add_argument("--data-dir", help="where the built-in set's files are, for sets read from files you hold "
+                    "(IDX, CIFAR)")
     tr.add_argument("--arch", default=None, help="a built-in architecture (default: small_cnn)")
     _add_own_model_flags(tr, train=True)
     tr.add_argument("--method", default="fgsm_rs", choices=methods(), help="training method (default: fgsm_rs)")
@@ -435,12 +462,15 @@ def build_parser() -> argparse.ArgumentParser:
                     "fused layers (default: on)")
     tr.add_argument("--eps", type=_number, default=0.1, help="radius of the training attack, e.g. 0.1 or 8/255 "
                     "(default: 0.1)")
-    tr.add_argument("--epochs", type=int, default=10)
-    tr.add_argument("--lr", type=float, default=1e-3)
-    tr.add_argument("--batch-size", type=int, default=128)
-    tr.add_argument("--amp", type=_amp, default=False)
-    tr.add_argument("--seed", type=int, default=0)
-    tr.add_argument("--out", required=True)
+    tr.add_argument("--epochs", type=int, default=10, help="training epochs")
+    tr.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam)")
+    tr.add_argument("--batch-size", type=int, default=128, help="images per training batch")
+    tr.add_argument("--amp", type=_amp, default=False,
+                    help="off (default: fp32) | on (bf16 autocast on CPU, fp16 on CUDA) | bf16 | fp16")
+    tr.add_argument("--seed", type=int, default=0, help="initialization, data order and attacks' random starts: "
+                    "the same command and thread count give the same weights")
+    tr.add_argument("--out", required=True, help="run directory: checkpoints last.pt/best.pt, metrics.jsonl, "
+                    "curves.png (one writer at a time)")
     tr.add_argument("--resume", action="store_true", help="continue from OUT/last.pt")
 
     for name, help_ in (("attack", "attack a saved model, save the adversarial examples"),
@@ -450,15 +480,16 @@ def build_parser() -> argparse.ArgumentParser:
                        "(.pt2; loaded with torch.export.load, which unpickles: only files you trust)")
         _add_own_model_flags(a, train=False)
         a.add_argument("--data", default="mnist5k", help=_DATA_HELP)
-        a.add_argument("--data-dir")
+        a.add_argument("--data-dir", help="where the built-in set's files are, for sets read from files you hold "
+                       "(IDX, CIFAR)")
         a.add_argument("--split", default=None, help="train, test or all (default: all of file:/folder: data, "
                        "else test)")
         a.add_argument("-n", type=int, default=None, help="use the first N samples")
         a.add_argument("--steps", type=int, default=None,
                        help="iterations of the iterative attacks (default: each attack's own, e.g. pgd/bim 10, "
                        "apgd 100)")
-        a.add_argument("--seed", type=int, default=0)
-        a.add_argument("--out", required=True)
+        a.add_argument("--seed", type=int, default=0, help="the attacks' random starts")
+        a.add_argument("--out", required=True, help="output directory (one writer at a time)")
         a.add_argument("--norm", default="linf", choices=norms, help="threat model (default: linf)")
         a.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                        help="attack the model with its ReLU + max-pool and BatchNorm + ReLU on the fused layers "
@@ -468,8 +499,8 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--eps", type=_number, default=0.1, help="budget, e.g. 0.1 or 8/255 (default: 0.1)")
             a.add_argument("--alpha", type=_number, default=None,
                            help="step of fgsm_rs/bim/pgd (default: the attack's rule, e.g. 2.5 * eps / steps)")
-            a.add_argument("--restarts", type=int, default=1)
-            a.add_argument("--batch-size", type=int, default=256)
+            a.add_argument("--restarts", type=int, default=1, help="random restarts (pgd, apgd), the worst case kept")
+            a.add_argument("--batch-size", type=int, default=256, help="images per attack call")
         else:
             a.add_argument("--attacks", default="fgsm,pgd", help=f"comma-separated, of {', '.join(ATTACKS)} "
                            "(default: fgsm,pgd); or autoattack: the AutoAttack ensemble (see --version), resumable "
