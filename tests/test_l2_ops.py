@@ -24,7 +24,7 @@ import torch
 
 from robust_ext import ops, reference
 from _cases import DTYPES, LAYOUTS, images, layout
-from conftest import DEVICES
+from conftest import DEVICES, FORCED_REFERENCE
 
 EXACT_TO_REFERENCE = (torch.float32, torch.float16, torch.bfloat16)
 
@@ -342,6 +342,8 @@ def test_opcheck(op):
         torch.library.opcheck(getattr(torch.ops.robust_ext, op).default, args)
 
 
+@pytest.mark.skipif(FORCED_REFERENCE, reason="on the fallback, torch.compile traces reference.py's unrolled fixed-order "
+                    "sums: minutes for this loop (test_torch_compile_reference_fullgraph covers the fallback)")
 def test_torch_compile_pgd_l2_loop_fullgraph():
     torch.manual_seed(0)
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3, padding=1), torch.nn.ReLU(), torch.nn.Flatten(),
@@ -383,6 +385,14 @@ def test_torch_compile_pgd_l2_loop_fullgraph():
         torch.manual_seed(4)
         for a, b in zip(compiled_ops(x + 0.1, g, x, eps), eager):
             same(a, b)
+
+
+def test_torch_compile_reference_fullgraph():
+    """reference.py's L2 math traces with fullgraph (what the fallback gives torch.compile)."""
+    x_adv, _, x = images(shape=(3, 2, 5, 4), seed=11, spread=0.3)
+    project = torch.compile(lambda xa, x: reference.l2_project(xa, x, 0.2, 0.0, 1.0), fullgraph=True)
+    torch._dynamo.reset()
+    same(project(x_adv, x), reference.l2_project(x_adv, x, 0.2, 0.0, 1.0))
 
 
 @pytest.mark.needs_extension
