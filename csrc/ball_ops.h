@@ -73,7 +73,7 @@ struct BallOps {
   static void step_(const Tensor& x_adv, const Tensor& grad, const Tensor& x, double alpha, double eps,
                     double lo, double hi, const OptTensor& alpha_t, const OptTensor& eps_t) {
     check_step(x_adv, grad, x, alpha, eps, lo, hi, alpha_t, eps_t);
-    check_writable(x_adv, {grad, x});
+    check_writable(x_adv, {grad, x}, {alpha_t, eps_t});
     step_into(x_adv, x_adv, grad, x, alpha, eps, lo, hi, alpha_t, eps_t);
   }
 
@@ -96,7 +96,7 @@ struct BallOps {
   static void project_(const Tensor& x_adv, const Tensor& x, double eps, double lo, double hi,
                        const OptTensor& eps_t) {
     check_project(x_adv, x, eps, lo, hi, eps_t);
-    check_writable(x_adv, {x});
+    check_writable(x_adv, {x}, {eps_t});
     project_into(x_adv, x_adv, x, eps, lo, hi, eps_t);
   }
 

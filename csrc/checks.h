@@ -2,7 +2,12 @@
 // expected and what came.
 #pragma once
 
+#include <algorithm>
+#include <cfloat>
 #include <cmath>
+#include <cstdint>
+#include <utility>
+#include <vector>
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -58,14 +63,21 @@ inline void check_bounds(double clip_min, double clip_max) {
               " and clip_max=", clip_max);
 }
 
+// The largest budget magnitude: float32's max, the compute type of fp32/fp16/bf16 images. An infinite (or
+// overflowing) budget times a zero gradient element would write NaN, which the ops never do.
+constexpr double kMaxBudget = FLT_MAX;
+
 // A budget (alpha or eps) is a float, or a per-sample tensor along dim 0 of x. eps must be >= 0;
-// alpha may be negative (a targeted, descending step). Values are checked without a host sync: on
-// CUDA a bad per-sample value fails asynchronously (at the next synchronisation).
+// alpha may be negative (a targeted, descending step); both finite, at most kMaxBudget in magnitude.
+// Values are checked without a host sync: on CUDA a bad per-sample value fails asynchronously (at the
+// next synchronisation).
 inline void check_budget(double value, const c10::optional<at::Tensor>& per_sample, const char* name,
                          bool non_negative, const at::Tensor& x) {
   if (!per_sample.has_value() || !per_sample->defined()) {
     TORCH_CHECK(!std::isnan(value), name, " must not be NaN");
     TORCH_CHECK(!non_negative || value >= 0, name, " must be >= 0, got ", value);
+    TORCH_CHECK(std::fabs(value) <= kMaxBudget, name, " must be finite and at most ", kMaxBudget,
+                " in magnitude (an infinite budget times a zero gradient would be NaN), got ", value);
     return;
   }
   const at::Tensor& t = *per_sample;
@@ -78,7 +90,8 @@ inline void check_budget(double value, const c10::optional<at::Tensor>& per_samp
               t.device());
   check_no_grad(t, name);
   if (t.numel() == 0) return;
-  const char* what = non_negative ? " must be >= 0 and not NaN for every sample" : " must not be NaN for any sample";
+  const char* what = non_negative ? " must be >= 0 and not NaN for every sample, and finite (at most float32's max)"
+                                  : " must not be NaN for any sample, and finite (at most float32's max)";
   if (t.is_cpu()) {  // a plain loop: no temporaries on the per-step path
     const at::Tensor c = t.contiguous();
     bool bad = false;
@@ -86,14 +99,15 @@ inline void check_budget(double value, const c10::optional<at::Tensor>& per_samp
       const scalar_t* p = c.data_ptr<scalar_t>();
       for (int64_t i = 0; i < c.numel(); ++i) {
         const double v = static_cast<double>(p[i]);
-        bad = bad || std::isnan(v) || (non_negative && v < 0);
+        bad = bad || std::isnan(v) || (non_negative && v < 0) || std::fabs(v) > kMaxBudget;
       }
     });
     TORCH_CHECK(!bad, name, what);
   } else {
-    const at::Tensor bad = non_negative ? t.lt(0).logical_or_(t.isnan()).any() : t.isnan().any();
-    at::_assert_async(bad.logical_not(), non_negative ? "robust_ext: a per-sample eps/alpha is negative or NaN"
-                                                      : "robust_ext: a per-sample alpha is NaN");
+    at::Tensor bad = t.isnan().logical_or_(t.abs().gt(kMaxBudget));
+    if (non_negative) bad.logical_or_(t.lt(0));
+    at::_assert_async(bad.any().logical_not(), non_negative ? "robust_ext: a per-sample eps/alpha is negative, NaN or infinite"
+                                                            : "robust_ext: a per-sample alpha is NaN or infinite");
   }
 }
 
@@ -105,11 +119,52 @@ inline void check_seed(const at::Tensor& seed, const at::Tensor& x) {
               x.device(), "), got ", seed.device());
 }
 
-// Writing into x_adv must not corrupt it: no element may alias another, and x_adv may not partly overlap
-// an input. (That it does not require grad, check_image has already made sure.)
-inline void check_writable(const at::Tensor& x_adv, std::initializer_list<at::Tensor> inputs) {
+// Whether two elements of t may share memory. ATen answers only for dense tensors (TOO_HARD otherwise);
+// this is exact for any strides >= 0: sorted by stride, each dimension must step past everything the
+// smaller ones reach (e.g. as_strided((4, 4), (1, 1)) fails it).
+inline bool may_self_overlap(const at::Tensor& t) {
+  if (t.numel() <= 1 || t.is_non_overlapping_and_dense()) return false;
+  std::vector<std::pair<int64_t, int64_t>> dims;  // (stride, size) of the dimensions that step
+  for (int64_t d = 0; d < t.dim(); ++d)
+    if (t.size(d) > 1) dims.emplace_back(t.stride(d), t.size(d));
+  std::sort(dims.begin(), dims.end());
+  int64_t reach = 0;  // the largest offset the smaller dimensions reach
+  for (const auto& [stride, size] : dims) {
+    if (stride <= reach) return true;
+    reach += stride * (size - 1);
+  }
+  return false;
+}
+
+// Whether a and b may share memory: the same storage and intersecting byte ranges (ATen's
+// assert_no_overlap gives up, without raising, on non-dense views such as a column of x_adv).
+inline bool may_overlap(const at::Tensor& a, const at::Tensor& b) {
+  if (a.numel() == 0 || b.numel() == 0 || !a.storage().is_alias_of(b.storage())) return false;
+  const auto range = [](const at::Tensor& t) {
+    int64_t lo = 0, hi = 0;
+    for (int64_t d = 0; d < t.dim(); ++d) (t.stride(d) < 0 ? lo : hi) += t.stride(d) * (t.size(d) - 1);
+    const auto base = reinterpret_cast<intptr_t>(t.const_data_ptr());
+    return std::make_pair(base + lo * t.element_size(), base + (hi + 1) * t.element_size());
+  };
+  const auto [a0, a1] = range(a);
+  const auto [b0, b1] = range(b);
+  return a0 < b1 && b0 < a1;
+}
+
+// Writing into x_adv must not corrupt it: no element may alias another, x_adv may not partly overlap an
+// input, and a per-sample budget may not overlap x_adv at all (it would be read after being written).
+// (That it does not require grad, check_image has already made sure.)
+inline void check_writable(const at::Tensor& x_adv, std::initializer_list<at::Tensor> inputs,
+                           std::initializer_list<c10::optional<at::Tensor>> budgets = {}) {
   at::assert_no_internal_overlap(x_adv);
+  TORCH_CHECK(!may_self_overlap(x_adv), "unsupported operation: more than one element of the written-to tensor "
+              "refers to a single memory location. Please clone() the tensor before performing the operation.");
   for (const auto& t : inputs) at::assert_no_partial_overlap(x_adv, t);
+  for (const auto& b : budgets)
+    TORCH_CHECK(!(b.has_value() && b->defined() && may_overlap(x_adv, *b)),
+                "unsupported operation: some elements of the input tensor and the written-to tensor refer to a "
+                "single memory location, which may cause the results to be incorrect. Please clone() the tensor "
+                "before performing the operation.");
 }
 
 }  // namespace robust_ext

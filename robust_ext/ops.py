@@ -25,6 +25,7 @@ The compiled extension serves the ops when it is built; otherwise (or with
 from __future__ import annotations
 
 import logging
+import math
 import os
 import warnings
 from types import SimpleNamespace
@@ -102,7 +103,10 @@ def _budget(value, name: str, x):
             value = value.expand(x.shape[0])
         return 0.0, value
     if isinstance(value, (float, int)) and not isinstance(value, bool):
-        return float(value), None
+        try:
+            return float(value), None
+        except OverflowError:  # an int too large for a float (10**400): the ops' finiteness check names it
+            return (math.inf if value > 0 else -math.inf), None
     raise TypeError(f"{name} must be a float or a tensor with one value per sample, got {type(value).__name__}")
 
 

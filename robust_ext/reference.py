@@ -50,12 +50,20 @@ def _check_bounds(clip_min, clip_max):
         raise RuntimeError(f"clip_min must be <= clip_max, got clip_min={clip_min} and clip_max={clip_max}")
 
 
+# csrc/checks.h kMaxBudget: float32's max. An infinite (or overflowing) budget times a zero gradient element
+# would write NaN, which the ops never do.
+MAX_BUDGET = torch.finfo(torch.float32).max
+
+
 def _check_budget(value, per_sample, name, non_negative, x, values=True):
     if per_sample is None:
         if math.isnan(value):
             raise RuntimeError(f"{name} must not be NaN")
         if non_negative and value < 0:
             raise RuntimeError(f"{name} must be >= 0, got {value}")
+        if abs(value) > MAX_BUDGET:
+            raise RuntimeError(f"{name} must be finite and at most {MAX_BUDGET:g} in magnitude (an infinite budget "
+                               f"times a zero gradient would be NaN), got {value}")
         return
     t = per_sample
     if t.dtype not in _FLOATS:
@@ -70,9 +78,10 @@ def _check_budget(value, per_sample, name, non_negative, x, values=True):
     _check_no_grad(t, name)
     if not values or not t.numel():  # fake tensors have no values to check
         return
-    bad = ((t < 0) | t.isnan()).any() if non_negative else t.isnan().any()
-    what = (f"{name} must be >= 0 and not NaN for every sample" if non_negative
-            else f"{name} must not be NaN for any sample")
+    bad = t.isnan() | (t.double().abs() > MAX_BUDGET)
+    bad = (bad | (t < 0)).any() if non_negative else bad.any()
+    what = (f"{name} must be >= 0 and not NaN for every sample, and finite (at most float32's max)" if non_negative
+            else f"{name} must not be NaN for any sample, and finite (at most float32's max)")
     # A RuntimeError at once on CPU; on a GPU, as csrc/checks.h, no host sync per step: it fails at the
     # next sync. Traceable by torch.compile (a Python ``if`` on ``bad`` is not).
     torch._assert_async(~bad, what)
@@ -105,15 +114,42 @@ def _partly_overlap(a, b):
     return a0 < b1 and b0 < a1
 
 
-def _check_writable(x_adv, *inputs):
-    """csrc/checks.h check_writable: x_adv may not partly overlap an input (the final ``copy_`` refuses an
-    x_adv whose elements alias each other, with ATen's message)."""
+def may_self_overlap(t):
+    """csrc/checks.h may_self_overlap: two elements of ``t`` may share memory (exact for strides >= 0)."""
+    if t.numel() <= 1 or _dense(t):
+        return False
+    reach = 0
+    for stride, size in sorted((st, sz) for st, sz in zip(t.stride(), t.shape) if sz > 1):
+        if stride <= reach:
+            return True
+        reach += stride * (size - 1)
+    return False
+
+
+def _overlap(a, b):
+    """ATen's assert_no_overlap condition: the same storage and intersecting byte ranges."""
+    if not a.numel() or not b.numel() or a.untyped_storage()._cdata != b.untyped_storage()._cdata:
+        return False
+    lo = lambda t: t.data_ptr() + sum(min(0, st) * (sz - 1) for st, sz in zip(t.stride(), t.shape)) * t.element_size()  # noqa: E731
+    hi = lambda t: t.data_ptr() + (sum(max(0, st) * (sz - 1) for st, sz in zip(t.stride(), t.shape)) + 1) * t.element_size()  # noqa: E731
+    return lo(a) < hi(b) and lo(b) < hi(a)
+
+
+_SHARED = ("unsupported operation: some elements of the input tensor and the written-to tensor refer to a single "
+           "memory location, which may cause the results to be incorrect. Please clone() the tensor before "
+           "performing the operation.")
+
+
+def _check_writable(x_adv, *inputs, budgets=()):
+    """csrc/checks.h check_writable: no element of x_adv may alias another, x_adv may not partly overlap an
+    input, and a per-sample budget may not overlap x_adv at all (ATen's messages)."""
     if torch.compiler.is_compiling():  # fake tensors have no memory; the extension's fake kernels skip it too
         return
-    if any(_partly_overlap(x_adv, t) for t in inputs):
-        raise RuntimeError("unsupported operation: some elements of the input tensor and the written-to tensor "
-                           "refer to a single memory location, which may cause the results to be incorrect. "
-                           "Please clone() the tensor before performing the operation.")
+    if may_self_overlap(x_adv):
+        raise RuntimeError("unsupported operation: more than one element of the written-to tensor refers to a single "
+                           "memory location. Please clone() the tensor before performing the operation.")
+    if any(_partly_overlap(x_adv, t) for t in inputs) or any(b is not None and _overlap(x_adv, b) for b in budgets):
+        raise RuntimeError(_SHARED)
 
 
 def _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values=True):
@@ -168,7 +204,7 @@ def linf_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_
 
 def linf_step_(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
     _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t)
-    _check_writable(x_adv, grad, x)
+    _check_writable(x_adv, grad, x, budgets=(alpha_t, eps_t))
     x_adv.copy_(_step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t))
 
 
@@ -186,7 +222,7 @@ def linf_project(x_adv, x, eps, clip_min, clip_max, eps_t=None):
 
 def linf_project_(x_adv, x, eps, clip_min, clip_max, eps_t=None):
     _check_project(x_adv, x, eps, clip_min, clip_max, eps_t)
-    _check_writable(x_adv, x)
+    _check_writable(x_adv, x, budgets=(eps_t,))
     x_adv.copy_(_project_math(x_adv, x, eps, clip_min, clip_max, eps_t))
 
 
@@ -440,7 +476,7 @@ def l2_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=
 
 def l2_step_(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t=None, eps_t=None):
     _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t)
-    _check_writable(x_adv, grad, x)
+    _check_writable(x_adv, grad, x, budgets=(alpha_t, eps_t))
     _l2_op(x_adv, x, lambda: _l2_step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t))
 
 
@@ -458,7 +494,7 @@ def l2_project(x_adv, x, eps, clip_min, clip_max, eps_t=None):
 
 def l2_project_(x_adv, x, eps, clip_min, clip_max, eps_t=None):
     _check_project(x_adv, x, eps, clip_min, clip_max, eps_t)
-    _check_writable(x_adv, x)
+    _check_writable(x_adv, x, budgets=(eps_t,))
     _l2_op(x_adv, x, lambda: _l2_project_math(x_adv, x, eps, clip_min, clip_max, eps_t))
 
 
