@@ -75,7 +75,11 @@ def _floats(text: str) -> List[float]:
 def _amp(text: str):
     import torch
 
-    choices = {"off": False, "on": True, "bf16": torch.bfloat16, "fp16": torch.float16}
+    from .attacks.checks import cpu_runs_bf16_natively
+
+    # auto: mixed precision where it is faster (a GPU, or a CPU with native bf16 convolutions), else fp32
+    choices = {"auto": torch.cuda.is_available() or cpu_runs_bf16_natively(), "off": False, "on": True,
+               "bf16": torch.bfloat16, "fp16": torch.float16}
     if text not in choices:
         raise argparse.ArgumentTypeError(f"expected one of {', '.join(choices)}, got {text!r}")
     return choices[text]
@@ -435,8 +439,9 @@ def build_parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="standard vs FGSM-RS robust CNN on 5,000 real MNIST digits (MATLAB example)")
     d.add_argument("--out", default="demo_out", help="output directory (default: demo_out)")
     d.add_argument("--epochs", type=int, default=10, help="training epochs of each model")
-    d.add_argument("--amp", type=_amp, default=True,
-                   help="on (default: bf16 autocast on CPU, fp16 on CUDA) | off (fp32) | bf16 | fp16")
+    d.add_argument("--amp", type=_amp, default="auto",
+                   help="auto (default: bf16 autocast on a CPU with native bf16 convolutions, fp16 on CUDA, else "
+                   "fp32) | on | off (fp32) | bf16 | fp16")
     d.add_argument("--seed", type=int, default=0, help="data order, initialization and attacks' random starts")
     d.add_argument("--quick", action="store_true", help="a short run (1,000 digits, 2 epochs) for smoke tests")
 
@@ -446,7 +451,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--eval-eps", type=_number, default=0.1, help="the eps of the PGD-20 evaluation")
     t.add_argument("--epochs", type=int, default=5, help="training epochs of each model")
     t.add_argument("-n", type=int, default=500, help="test digits to evaluate")
-    t.add_argument("--amp", type=_amp, default=True, help="on (default) | off | bf16 | fp16")
+    t.add_argument("--amp", type=_amp, default="auto", help="auto (default: as demo) | on | off | bf16 | fp16")
     t.add_argument("--seed", type=int, default=0, help="data order, initialization and attacks' random starts")
 
     tr = sub.add_parser("train", help="train a model (standard, fgsm_rs or pgd) on a data set")
@@ -466,7 +471,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=1e-3, help="learning rate (Adam)")
     tr.add_argument("--batch-size", type=int, default=128, help="images per training batch")
     tr.add_argument("--amp", type=_amp, default=False,
-                    help="off (default: fp32) | on (bf16 autocast on CPU, fp16 on CUDA) | bf16 | fp16")
+                    help="off (default: fp32) | auto | on (bf16 autocast on CPU, fp16 on CUDA) | bf16 | fp16")
     tr.add_argument("--seed", type=int, default=0, help="initialization, data order and attacks' random starts: "
                     "the same command and thread count give the same weights")
     tr.add_argument("--out", required=True, help="run directory: checkpoints last.pt/best.pt, metrics.jsonl, "
