@@ -233,7 +233,9 @@ def cmd_demo(args) -> int:
         kwargs.update(epochs=min(args.epochs, 2), n_train=1000, n_test=200)
     summary = run_demo(args.out, **kwargs)
     print(format_demo(summary))
-    print(f"\nwrote {args.out}/demo.json, accuracy_vs_eps.png, adversarial_examples.png, checkpoints in "
+    files = ["demo.json", "accuracy_vs_eps.png", "standard_vs_robust.png", "adversarial_examples.png",
+             "pgd_probabilities.png", "standard_report.json", "robust_report.json"]
+    print(f"\nwrote {', '.join(f'{args.out}/{f}' for f in files)}; checkpoints and training logs in "
           f"{args.out}/standard and {args.out}/robust")
     return 0
 
