@@ -23,7 +23,6 @@ import torch
 from torch import nn
 
 from robust_ext import attacks as A
-from robust_ext import ops
 from robust_ext.attacks.apgd import StepRule, apgd, apgd_t, checkpoint_schedule, halve_step
 from robust_ext.attacks.losses import per_sample_loss
 from robust_ext.attacks.threats import L2, LINF, ThreatModel
@@ -33,8 +32,6 @@ from conftest import DEVICES
 pytestmark = pytest.mark.usefixtures("one_thread")
 
 EPS = 0.1  # digits CNN: clean 98.4%, APGD-CE about 46%
-HAS_L2 = hasattr(ops, "l2_step_")
-needs_l2 = pytest.mark.skipif(not HAS_L2, reason="robust_ext.ops has no l2_step_ yet")
 
 
 @pytest.fixture(scope="module")
@@ -284,7 +281,7 @@ def test_targeted_reaches_the_targets(digits):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("norm,eps", [("linf", EPS), pytest.param("l2", 0.5, marks=needs_l2)])
+@pytest.mark.parametrize("norm,eps", [("linf", EPS), ("l2", 0.5)])
 def test_device_comes_from_the_inputs(digits, device, norm, eps):
     model, x, y = digits
     on_device = copy.deepcopy(model).to(device)
@@ -434,7 +431,6 @@ class ReferenceStartL2(_ReferenceStart):
 EPS_L2 = 0.5  # digits CNN: about 44% under APGD-CE
 
 
-@needs_l2
 def test_l2_fools_what_the_reference_fools(digits, torchattacks, monkeypatch):
     """The L2 ops round differently from torchattacks' formulas (points agree to ~1e-3), the fooled samples
     are the same."""
@@ -448,7 +444,6 @@ def test_l2_fools_what_the_reference_fools(digits, torchattacks, monkeypatch):
     assert 0.2 < accuracy(model, ours, y) < 0.8
 
 
-@needs_l2
 def test_l2_in_the_ball_and_as_strong_as_torchattacks(digits, torchattacks):
     model, x, y = digits
     runs = [apgd(model, x, y, eps=EPS_L2, norm="l2", generator=gen(s)) for s in SEEDS]

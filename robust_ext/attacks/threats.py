@@ -78,57 +78,41 @@ class ThreatModel:
         return self.name.upper() if self.name in NORMS else f"{type(self).__name__}()"
 
 
-class _Linf(ThreatModel):
-    """L-inf: signed-gradient steps (Madry et al. 2018), elementwise clamp to the box."""
+class _FusedBall(ThreatModel):
+    """An Lp ball on robust_ext's fused ops: ``prefix`` names them (``<prefix>_random_init``, ``_step_``,
+    ``_project_``), ``one_step`` the one-step attack. The ops are looked up when called, so a test or a user
+    wrapping ``robust_ext.ops.<op>`` sees every call."""
 
-    name = "linf"
+    def __init__(self, name: str, p: float, prefix: str, one_step: str):
+        self.name, self.p, self._prefix, self._one_step = name, p, prefix, one_step
 
-    def init(self, x, eps, clip_min, clip_max, generator=None):
-        return ops.linf_random_init(x, eps, clip_min, clip_max, generator=generator)
-
-    def step_(self, x_adv, grad, x, alpha, eps, clip_min, clip_max):
-        return ops.linf_step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
-
-    def project_(self, x_adv, x, eps, clip_min, clip_max):
-        return ops.linf_project_(x_adv, x, eps, clip_min, clip_max)
-
-    def single_step(self, x, grad, eps, clip_min, clip_max):
-        return ops.fgsm(x, grad, eps, clip_min, clip_max)
-
-    def distance(self, x_adv, x):
-        return lp_distance(x_adv, x, float("inf"))
-
-    def covering_radius(self, half_width, numel):
-        return half_width
-
-
-class _L2(ThreatModel):
-    """L2: normalized-gradient steps, radial projection onto the ball, then clipping to the box
-    (torchattacks' PGDL2 and the original APGD order)."""
-
-    name = "l2"
+    def _op(self, suffix):
+        return getattr(ops, self._prefix + suffix)
 
     def init(self, x, eps, clip_min, clip_max, generator=None):
-        return ops.l2_random_init(x, eps, clip_min, clip_max, generator=generator)
+        return self._op("_random_init")(x, eps, clip_min, clip_max, generator=generator)
 
     def step_(self, x_adv, grad, x, alpha, eps, clip_min, clip_max):
-        return ops.l2_step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
+        return self._op("_step_")(x_adv, grad, x, alpha, eps, clip_min, clip_max)
 
     def project_(self, x_adv, x, eps, clip_min, clip_max):
-        return ops.l2_project_(x_adv, x, eps, clip_min, clip_max)
+        return self._op("_project_")(x_adv, x, eps, clip_min, clip_max)
 
     def single_step(self, x, grad, eps, clip_min, clip_max):
-        return ops.fgm(x, grad, eps, clip_min, clip_max)
+        return getattr(ops, self._one_step)(x, grad, eps, clip_min, clip_max)
 
     def distance(self, x_adv, x):
-        return lp_distance(x_adv, x, 2.0)
+        return lp_distance(x_adv, x, self.p)
 
     def covering_radius(self, half_width, numel):
-        return half_width * numel ** 0.5
+        # The farthest point of the box from its centre is a corner: half_width away in every coordinate.
+        return half_width if self.p == float("inf") else half_width * numel ** (1.0 / self.p)
 
 
-LINF: ThreatModel = _Linf()
-L2: ThreatModel = _L2()
+# L-inf: signed-gradient steps (Madry et al. 2018), elementwise clamp to the box. L2: normalized-gradient
+# steps, radial projection onto the ball, then clipping to the box (torchattacks' PGDL2 and APGD's order).
+LINF: ThreatModel = _FusedBall("linf", float("inf"), "linf", "fgsm")
+L2: ThreatModel = _FusedBall("l2", 2.0, "l2", "fgm")
 NORMS = {"linf": LINF, "l2": L2}
 
 
