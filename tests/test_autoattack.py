@@ -7,11 +7,9 @@ registered."""
 import dataclasses
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 import warnings
 from pathlib import Path
 
@@ -20,6 +18,7 @@ import torch
 from torch import nn
 
 import _autoattack_worker as worker
+from _procs import sigkill_when
 from robust_ext.attacks.registry import ATTACKS, AttackEntry
 from robust_ext.attacks.noise import noise
 from robust_ext.cli import main as cli_main
@@ -182,21 +181,10 @@ def test_l2_ensemble_stays_in_the_l2_ball(setup):
 # ------------------------------------------------------------------------------------------ resume
 def test_resume_after_sigkill_equals_an_uninterrupted_run(setup, reference, tmp_path):
     env = dict(os.environ, PYTHONPATH=str(Path(WORKER).parent), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, WORKER, str(tmp_path), "--slow"], env=env, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.PIPE)
-    chunks, deadline = tmp_path / "state" / CHUNK_DIR, time.monotonic() + 120
-    try:  # kill once the second attack at the first eps has finished a few chunks
-        while time.monotonic() < deadline and proc.poll() is None:
-            if len(list(chunks.glob("e0_a1_c*.pt"))) >= 3:
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, f"worker ended before it was killed: {proc.stderr.read().decode()[-3000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    chunks = tmp_path / "state" / CHUNK_DIR
+    # kill once the second attack at the first eps has finished a few chunks
+    proc = sigkill_when([WORKER, str(tmp_path), "--slow"], env, lambda: len(list(chunks.glob("e0_a1_c*.pt"))) >= 3,
+                        120)
     state = torch.load(tmp_path / "state" / STATE_FILE, weights_only=True)
     assert (0, 0) in [tuple(p) for p in state["done"]] and len(state["done"]) < 4, "the kill was meant to land mid-run"
     before = {p.name: (p.stat().st_ino, p.stat().st_mtime_ns) for p in chunks.glob("*.pt")}

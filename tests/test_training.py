@@ -6,11 +6,9 @@ import json
 import logging
 import math
 import os
-import signal
 import socket
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -18,6 +16,7 @@ import torch
 from torch import nn
 
 import _train_worker as worker
+from _procs import sigkill_when
 from robust_ext.models import load_checkpoint, load_model
 from robust_ext.training import CollapseGuard, TrainConfig, loop, read_metrics, train
 
@@ -294,21 +293,10 @@ def test_resume_in_a_fresh_process_is_bit_identical(straight_run, tmp_path):
 def test_sigkill_mid_epoch_then_resume(straight_run, tmp_path):
     weights, _ = straight_run
     env = dict(os.environ, PYTHONPATH=str(Path(WORKER).parent))
-    proc = subprocess.Popen([sys.executable, WORKER, "train", str(tmp_path), "--slow"], env=env,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    log_path, deadline = tmp_path / "metrics.jsonl", time.monotonic() + 90
-    try:
-        while time.monotonic() < deadline and proc.poll() is None:
-            if any(r.get("event") == "batch" and r["epoch"] == 2 and r["batch"] >= 3 for r in _lines(log_path)):
-                break
-            time.sleep(0.01)
-        assert proc.poll() is None, f"worker ended before it was killed: {proc.stderr.read().decode()[-3000:]}"
-        os.kill(proc.pid, signal.SIGKILL)
-    finally:
-        proc.kill()
-        proc.wait()
-        proc.stderr.close()
-    assert proc.returncode == -signal.SIGKILL
+    log_path = tmp_path / "metrics.jsonl"
+    sigkill_when([WORKER, "train", str(tmp_path), "--slow"], env,
+                 lambda: any(r.get("event") == "batch" and r["epoch"] == 2 and r["batch"] >= 3
+                             for r in _lines(log_path)), 90)
     checkpoint = load_checkpoint(tmp_path / "last.pt")  # torch.load(weights_only=True) inside
     assert checkpoint["training"]["epoch"] == 1, "the kill was meant to land in epoch 2"
     load_model(tmp_path / "last.pt")
