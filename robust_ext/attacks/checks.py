@@ -9,7 +9,7 @@ import numbers
 
 import torch
 
-from ..reference import compute_dtype
+from ..reference import MAX_BUDGET, compute_dtype
 from .losses import get_loss
 from .threats import get_threat
 
@@ -37,9 +37,7 @@ def check_int(value, name: str, minimum: int) -> int:
     return int(value)
 
 
-# The largest budget: eps and alpha must be finite in the kernels' float32 compute type (an inf or
-# overflowing budget times a zero gradient would be NaN). The ops refuse the same (csrc/checks.h).
-MAX_BUDGET = torch.finfo(torch.float32).max
+# The largest budget (the ops' rule, csrc/checks.h and reference.MAX_BUDGET), checked here before any work.
 
 
 def _finite_real(value) -> bool:
