@@ -428,6 +428,7 @@ def _add_own_model_flags(a, train: bool) -> None:
 def build_parser() -> argparse.ArgumentParser:
     from .attacks.registry import ATTACKS
     from .attacks.threats import NORMS
+    from .evaluation.autoattack_versions import VERSIONS
     from .training.config import methods
 
     norms = tuple(NORMS)
@@ -512,8 +513,10 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--attacks", default="fgsm,pgd", help=f"comma-separated, of {', '.join(ATTACKS)} "
                            "(default: fgsm,pgd); or autoattack: the AutoAttack ensemble (see --version), resumable "
                            "from --out")
-            a.add_argument("--version", default="standard", choices=("standard", "plus", "rand"),
-                           help="AutoAttack's version with --attacks autoattack (default: standard)")
+            a.add_argument("--version", default="standard", choices=tuple(VERSIONS),
+                           help="AutoAttack's version with --attacks autoattack: standard, plus, rand (the "
+                                "original's) or fast (APGD-CE + APGD-T on 3 MALT-ranked targets; FAB-T and Square "
+                                "only where the checks call for them) (default: standard)")
             a.add_argument("--eps", type=_floats, default=[0.05, 0.1, 0.2, 0.3],
                            help="comma-separated budgets, e.g. 2/255,4/255,8/255 (default: 0.05,0.1,0.2,0.3)")
             a.add_argument("--no-min-eps", action="store_true", help="skip the per-sample minimal eps bisection")

@@ -430,7 +430,7 @@ def test_cli_autoattack_writes_report_and_resumes(tmp_path, cheap_standard, caps
 
 # ------------------------------------------------------------------------------------------ errors
 @pytest.mark.parametrize("kwargs, message", [
-    ({"version": "fast"}, r"version must be one of 'standard', 'plus', 'rand' or 'custom'.*'fast'"),
+    ({"version": "quick"}, r"version must be one of 'standard', 'plus', 'rand', 'fast' or 'custom'.*'quick'"),
     ({"version": "standard", "attacks": ["apgd"]}, "attacks= replaces the version's list"),
     ({"attacks": ["apgd", "deepfool"]}, "attacks: unknown attack 'deepfool'"),
     ({"attacks": []}, "attacks must name at least one attack"),

@@ -39,9 +39,11 @@ from ..reference import compute_dtype
 from . import checks, core
 from .core import eval_mode, rows_of
 
-__all__ = ["apgd", "apgd_t", "apgd_loop", "checkpoint_schedule", "halve_step", "StepRule", "MOMENTUM"]
+__all__ = ["apgd", "apgd_t", "apgd_loop", "rank_targets", "checkpoint_schedule", "halve_step", "StepRule",
+           "MOMENTUM", "MALT_CANDIDATES"]
 
 MOMENTUM = 0.75
+MALT_CANDIDATES = 9  # the classes target_order="malt" re-ranks: AutoAttack's 9 likeliest targets
 _FIRST, _DECAY, _MIN = 0.22, 0.03, 0.06  # the checkpoint schedule's fractions of the iterations
 
 
@@ -217,8 +219,39 @@ def _check_rho(rho) -> float:
     return float(rho)
 
 
+def rank_targets(model, x, y, clean_logits, threat, order: str = "logits", candidates=None):
+    """The other classes of each sample, likeliest target first: ``[N, num_classes - 1]`` (``"logits"``) or
+    ``[N, min(candidates, num_classes - 1)]`` (``"malt"``; ``candidates`` None: :data:`MALT_CANDIDATES`).
+
+    * ``"logits"``: by decreasing clean logit, the reference's order (its 2nd, 3rd, ... most likely class).
+    * ``"malt"`` (Melamed et al., NeurIPS 2024, "MALT powers up adversarial attacks"): the ``candidates`` most
+      likely other classes re-ranked by the distance to their decision boundary under the model's linear
+      approximation at ``x``, ``(z_y - z_t) / ||grad_x (z_y - z_t)||_*`` (``||.||_*`` the threat model's
+      dual norm), nearest first: a class the logits rank third but a short step away is attacked first.
+      Costs one forward and ``candidates`` backward passes, in full precision.
+    """
+    z = clean_logits.detach().float().scatter(1, y.unsqueeze(1), -math.inf)
+    ranked = z.argsort(1, descending=True)[:, :z.shape[1] - 1]
+    if order == "logits":
+        return ranked
+    if order != "malt":
+        raise ValueError(f"target_order must be 'logits' or 'malt', got {order!r}")
+    k = MALT_CANDIDATES if candidates is None else checks.check_int(candidates, "malt_candidates", 1)
+    cand = ranked[:, :min(k, ranked.shape[1])]
+    distances = []
+    with torch.enable_grad(), torch.autocast(x.device.type, enabled=False):
+        xg = x.detach().clone().requires_grad_(True)
+        logits = model(xg).float()
+        gap = logits.gather(1, y.unsqueeze(1)) - logits.gather(1, cand)  # [N, k], > 0 where y is predicted
+        for j in range(cand.shape[1]):
+            g = torch.autograd.grad(gap[:, j].sum(), xg, retain_graph=j + 1 < cand.shape[1])[0]
+            distances.append(gap[:, j].detach() / (threat.dual_norm(g) + 1e-12))
+    nearest = torch.stack(distances, 1).argsort(dim=1, stable=True)
+    return cand.gather(1, nearest)
+
+
 def apgd_loop(model, x, y, eps, obj, threat, lo, hi, *, steps, rho, restarts, early_stop, generator,
-              n_target_classes=None):
+              n_target_classes=None, target_order="logits", malt_candidates=None):
     """The APGD iteration for checked inputs (:func:`robust_ext.attacks.core.setup`'s outputs) and a given
     objective: :func:`apgd` and :func:`apgd_t` call it, and so can an attack that changes only the objective
     (e.g. an expectation over transformations, :func:`robust_ext.evaluation.autoattack_versions.apgd_eot`).
@@ -238,9 +271,8 @@ def apgd_loop(model, x, y, eps, obj, threat, lo, hi, *, steps, rho, restarts, ea
         if n_target_classes is None:
             targets = [None]
         else:
-            # The other classes by decreasing clean logit: the reference's 2nd, 3rd, ... most likely class.
-            ranked = clean.detach().float().scatter(1, y.unsqueeze(1), -math.inf).argsort(1, descending=True)
-            targets = list(ranked[:, :min(n_target_classes, clean.shape[1] - 1)].unbind(1))
+            ranked = rank_targets(model, x, y, clean, threat, target_order, malt_candidates)
+            targets = list(ranked[:, :min(n_target_classes, ranked.shape[1])].unbind(1))
         for target in targets:
             for _ in range(restarts):
                 rows = (~done).nonzero().squeeze(1)
@@ -291,20 +323,26 @@ def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, norm="linf", rho
 
 
 def apgd_t(model, x, y, *, eps, steps=100, n_target_classes=9, restarts=1, norm="linf", loss="dlr_targeted",
-           rho=0.75, early_stop=True, clip_min=0.0, clip_max=1.0, amp=False,
-           generator: Optional[torch.Generator] = None):
+           rho=0.75, early_stop=True, clip_min=0.0, clip_max=1.0, amp=False, target_order="logits",
+           malt_candidates=MALT_CANDIDATES, generator: Optional[torch.Generator] = None):
     """APGD-T, Croce & Hein 2020 (AutoAttack's targeted APGD on the targeted DLR loss).
 
     :func:`apgd` on ``loss`` (``"dlr_targeted"``: ``-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2)``) towards
     each of the ``n_target_classes`` most likely other classes of the clean image in turn (fewer when the
     model has fewer classes), ``restarts`` runs per target class, each run attacking only the points no earlier
     run fooled. Success is misclassification of ``y`` (not reaching the target). Needs at least 4 classes.
+    ``target_order="malt"`` takes the targets from the ``malt_candidates`` likeliest classes nearest-boundary
+    first (:func:`rank_targets`; AutoAttack's ``fast`` version attacks 3 of them).
     Other arguments and the result: :func:`apgd`.
     """
     n_target_classes = checks.check_int(n_target_classes, "n_target_classes", 1)
+    checks.check_int(malt_candidates, "malt_candidates", 1)
+    if target_order not in ("logits", "malt"):
+        raise ValueError(f"target_order must be 'logits' or 'malt', got {target_order!r}")
     x, y, eps, lo, hi, obj, threat = core.setup(model, x, y, eps, False, clip_min, clip_max, loss, amp, norm)
     if not obj.loss.needs_target:
         raise ValueError(f"apgd_t needs a loss that takes a target class (e.g. 'dlr_targeted'), "
                          f"got {obj.loss.name!r}")
     return apgd_loop(model, x, y, eps, obj, threat, lo, hi, steps=steps, rho=rho, restarts=restarts,
-                   early_stop=early_stop, generator=generator, n_target_classes=n_target_classes)
+                   early_stop=early_stop, generator=generator, n_target_classes=n_target_classes,
+                   target_order=target_order, malt_candidates=malt_candidates)

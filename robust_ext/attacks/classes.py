@@ -160,12 +160,15 @@ class APGDT(Attack):
 
     def __init__(self, model, norm="linf", eps=8 / 255, steps=100, restarts=1, *, n_target_classes=9,
                  loss="dlr_targeted", rho=0.75, early_stop=True, clip_min=0.0, clip_max=1.0, amp=False,
-                 generator=None, fuse=False):
+                 target_order="logits", malt_candidates=9, generator=None, fuse=False):
         _check_rho(rho)
         checks.check_int(n_target_classes, "n_target_classes", 1)
+        checks.check_int(malt_candidates, "malt_candidates", 1)
+        if target_order not in ("logits", "malt"):
+            raise ValueError(f"target_order must be 'logits' or 'malt', got {target_order!r}")
         super().__init__(model, norm=norm, eps=eps, steps=steps, restarts=restarts,
                          n_target_classes=n_target_classes, loss=loss, rho=rho, early_stop=early_stop,
-                         clip_min=clip_min, clip_max=clip_max, amp=amp, generator=generator, fuse=fuse)
+                         target_order=target_order, malt_candidates=malt_candidates, clip_min=clip_min, clip_max=clip_max, amp=amp, generator=generator, fuse=fuse)
 
 
 class Square(Attack):

@@ -141,7 +141,8 @@ for _entry in (
                 summary="APGD (Croce & Hein 2020): step 2 eps halved at checkpoints when the loss stalls, momentum "
                         "0.75, 100 steps; loss ce (APGD-CE) or dlr (APGD-DLR)"),
     AttackEntry("apgd_t", apgd_t, {"steps": 100, "restarts": 1, "n_target_classes": 9, "loss": "dlr_targeted",
-                                   "rho": 0.75, "early_stop": True, "amp": False},
+                                   "rho": 0.75, "early_stop": True, "amp": False, "target_order": "logits",
+                                   "malt_candidates": 9},
                 summary="APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss towards each of the 9 most "
                         "likely other classes"),
     AttackEntry("fab", fab, {"steps": 100, "restarts": 1, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9,

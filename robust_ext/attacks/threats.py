@@ -68,6 +68,12 @@ class ThreatModel:
         """Per-sample distance ``||x_adv - x||`` as float64 ``[N]``."""
         raise NotImplementedError
 
+    def dual_norm(self, v: torch.Tensor) -> torch.Tensor:
+        """Per-sample dual norm of ``v`` ``[N, ...]`` as float ``[N]``: the linear function ``<v, .>`` grows by at
+        most ``dual_norm(v) * eps`` over the ball (MALT's target ranking divides a logit gap by it). Optional:
+        only :func:`~robust_ext.attacks.apgd_t` with ``target_order="malt"`` asks for it."""
+        raise NotImplementedError(f"threat model {self!r} has no dual_norm (needed by target_order='malt')")
+
     def covering_radius(self, half_width: float, numel: int):
         """The smallest radius at which the ball around any point of a box of half-width ``half_width`` in
         ``numel`` dimensions contains the box's centre (the evaluation's large-ε check: every image can then
@@ -103,6 +109,10 @@ class _FusedBall(ThreatModel):
 
     def distance(self, x_adv, x):
         return lp_distance(x_adv, x, self.p)
+
+    def dual_norm(self, v):
+        v = v.detach().float().flatten(1)
+        return v.abs().sum(1) if self.p == float("inf") else v.norm(dim=1)  # L1 for L-inf; L2 is self-dual
 
     def covering_radius(self, half_width, numel):
         # The farthest point of the box from its centre is a corner: half_width away in every coordinate.

@@ -124,7 +124,8 @@ def _clean_pass(model, x_all, y_all, dev, batch_size, ctx, comm_device, version)
             idx = ok.nonzero().squeeze(1)
             zero[s + idx.cpu()] = zero_gradient_mask(model, x[idx], y[idx]).cpu().int()
     correct, zero, broken, flags = (_reduce(t, ctx, comm_device) for t in (correct, zero, broken, flags))
-    return {"correct": correct.bool(), "zero_gradient": int(zero.sum()), "nonfinite": int(broken.sum()),
+    return {"correct": correct.bool(), "zero_gradient": int(zero.sum()), "flagged": zero.bool(),
+            "nonfinite": int(broken.sum()),
             "softmax_output": bool(flags[0]), "randomized": bool(flags[1]), "num_classes": int(flags[2])}
 
 
@@ -140,11 +141,21 @@ def _per_class(codes, y_all, attacks, num_classes):
     return out
 
 
+def _flagged(clean: dict, n: int) -> torch.Tensor:
+    """The points a gated attack (``AttackSpec.gate == "flagged"``) runs on: those with an all-zero input
+    gradient at the clean pass, or every point when a check about the whole model fired."""
+    if clean["randomized"] or clean["softmax_output"] or clean["nonfinite"]:
+        return torch.ones(n, dtype=torch.bool)
+    return clean.get("flagged", torch.zeros(n, dtype=torch.bool))
+
+
 def _run_attack(model, spec, i, j, e, state, x_all, y_all, dev, threat, lo, hi, seed, batch_size, ctx, progress,
                 return_adversarial):
     """Attack ``i`` at ε ``j`` on this process's chunks of the points still robust (a finished chunk read from the
     state): (this process's fooled mask [N], its count of outputs outside the ball, [(points, x_adv)] fooled)."""
     robust = (state.codes[j] == ROBUST).nonzero().squeeze(1)
+    if spec.gate == "flagged":
+        robust = robust[_flagged(state.clean, len(y_all))[robust]]
     chunks = list(robust.split(batch_size))
     mine = [k for k in range(len(chunks)) if k % ctx.world_size == ctx.rank]
     fooled_now = torch.zeros(len(y_all), dtype=torch.int32)
@@ -185,7 +196,9 @@ def autoattack(model, data, eps: Union[float, Sequence[float]] = 8 / 255, norm="
         data: an ``(images, labels)`` pair of tensors, a ``Dataset`` or a ``DataLoader``; ``max_samples``
             keeps the first ones. All points are held in memory (as the original's ``x_orig``).
         eps: a budget or a list of budgets in the units of ``norm`` (``"linf"``, ``"l2"`` or a ThreatModel).
-        version: ``"standard"`` (the default), ``"plus"`` or ``"rand"``; ``"custom"`` (or None) with ``attacks``.
+        version: ``"standard"`` (the default), ``"plus"``, ``"rand"`` or ``"fast"`` (robust_ext's: APGD-CE and
+            APGD-T on 3 MALT-ranked targets; FAB-T and Square only where the checks call for them; see
+            :mod:`.autoattack_versions`); ``"custom"`` (or None) with ``attacks``.
         attacks: a custom list: registry names (``"apgd"``, ``"apgd_t"``, ...), the original's names
             (``"apgd-ce"``, ``"apgd-dlr"``, ``"apgd-t"``, ``"fab"``, ``"fab-t"``, ``"square"``), specs of
             :func:`~robust_ext.evaluation.make_attack`, attack objects or callables.
@@ -291,8 +304,13 @@ def _report(model, model_name, batches, version, specs, threat, grid, lo, hi, se
         for i, name in enumerate(names):
             after[name] = float(((codes == ROBUST) | (codes > i + 1)).float().mean())
         fooled = {name: int((codes == i + 1).sum()) for i, name in enumerate(names)}
+        attacked = {}  # the points each attack ran on: robust before it (and flagged, for a gated one)
+        for i, spec in enumerate(specs):
+            before = (codes == ROBUST) | (codes >= i + 1)
+            attacked[spec.name] = int((before & _flagged(clean, n) if spec.gate == "flagged" else before).sum())
         out = {name: state.outside.get((j, i), 0) for i, name in enumerate(names)}
-        results.append({"eps": e, "robust_accuracy": after[names[-1]], "accuracy_after": after, "fooled": fooled,
+        results.append({"eps": e, "robust_accuracy": after[names[-1]], "accuracy_after": after, "attacked": attacked,
+                        "fooled": fooled,
                         "outside_ball": out, "per_class": _per_class(codes, y_all, names, clean["num_classes"])})
         fooled_by.append([None if c == ROBUST else labels[c] for c in codes.tolist()])
         for i, spec in enumerate(specs):

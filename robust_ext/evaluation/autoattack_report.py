@@ -26,8 +26,9 @@ class AutoAttackReport:
     clean_accuracy: accuracy on the unperturbed points; eps: the grid; attacks: the attacks' names in the
         order they ran.
     results: one dict per ε: ``robust_accuracy`` (after every attack), ``accuracy_after`` (``clean``, then
-        each attack: the accuracy once it ran: non-increasing), ``fooled`` (points each attack fooled: it only
-        ever attacks points no earlier attack fooled), ``outside_ball`` (points an attack returned outside the
+        each attack: the accuracy once it ran: non-increasing), ``attacked`` (points each attack ran on: those
+        still robust before it; for an attack gated to the flagged points, those of them the checks flag),
+        ``fooled`` (points each attack fooled: it only ever attacks points no earlier attack fooled), ``outside_ball`` (points an attack returned outside the
         ε-ball or the bounds: not counted as fooled) and ``per_class`` (``n`` points per class, then per class
         the accuracy clean and after each attack; None for a class without points).
     fooled_by: per ε, per point: None (robust), ``"clean"`` (misclassified without attack) or the name of the
@@ -108,6 +109,10 @@ class AutoAttackReport:
             lines.append(f"{'after ' + name:<{width}} "
                          + " ".join(f"{r['accuracy_after'][name]:>8.2%}" for r in self.results))
         lines.append(f"{'robust':<{width}} " + " ".join(f"{r['robust_accuracy']:>8.2%}" for r in self.results))
+        for a in c.get("attacks", []):
+            if a.get("gate") == "flagged":
+                ran = ", ".join(str(r.get("attacked", {}).get(a["name"], "?")) for r in self.results)
+                lines.append(f"{a['name']} ran only on the points the checks flag: {ran} point(s)")
         if self.unreliable:
             lines.append(f"{self.unreliable}:")
         lines += [f"warning: {w}" for w in self.warnings]

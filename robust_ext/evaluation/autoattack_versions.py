@@ -6,12 +6,18 @@ ensemble runs, in which order, with which settings; and APGD with Expectation ov
   target classes), Square (5,000 queries, ``p_init`` 0.8).
 * ``plus``: APGD-CE and APGD-DLR (5 restarts each), FAB (5 restarts), Square, APGD-T, FAB-T.
 * ``rand``: APGD-CE and APGD-DLR, 1 restart, the gradient averaged over 20 draws of a randomized model.
+* ``fast`` (robust_ext's): APGD-CE (100 steps), then APGD-T (100 steps) towards 3 of the 9 likeliest classes,
+  nearest decision boundary first (MALT's ranking, :func:`robust_ext.attacks.apgd.rank_targets`); FAB-T and
+  Square run only on the points the sanity checks flag (all-zero input gradient), or on every point still
+  robust when a model-level check fires (randomized or softmax outputs, non-finite logits). It is checked
+  against ``standard`` (``benchmarks/bench_eval.py``, tests/test_autoattack.py), never assumed equal.
 
 Each attack is a registry entry (:mod:`robust_ext.attacks.registry`); a version whose attack is not
 registered is an error naming it, never a weaker ensemble under the version's name.
 """
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Optional
 
 import torch
@@ -22,12 +28,14 @@ from ..attacks.checks import check_int
 from ..attacks.registry import ATTACKS, get_attack
 from .specs import AttackSpec, make_attack, resolve_attack, resolve_attacks
 
-__all__ = ["VERSIONS", "ORIGINAL_NAMES", "EOT_DRAWS", "resolve_ensemble", "apgd_eot", "EoTObjective"]
+__all__ = ["VERSIONS", "ORIGINAL_NAMES", "EOT_DRAWS", "FAST_TARGETS", "resolve_ensemble", "apgd_eot", "EoTObjective"]
 
 EOT_DRAWS = 20
 _APGD = {"steps": 100, "restarts": 1}
 _TARGETED = {"steps": 100, "restarts": 1, "n_target_classes": 9}
 _SQUARE = {"queries": 5000, "p_init": 0.8, "restarts": 1}
+FAST_TARGETS = 3
+_GATED = {"gate": "flagged"}  # only where the checks call for it
 
 # The original's attack names -> (registry kind, the settings that make the registry's attack that one).
 ORIGINAL_NAMES = {"apgd-ce": ("apgd", {"loss": "ce"}), "apgd-dlr": ("apgd", {"loss": "dlr"}),
@@ -38,6 +46,8 @@ VERSIONS = {
     "plus": (("apgd-ce", {**_APGD, "restarts": 5}), ("apgd-dlr", {**_APGD, "restarts": 5}),
              ("fab", {**_APGD, "restarts": 5}), ("square", _SQUARE), ("apgd-t", _TARGETED), ("fab-t", _TARGETED)),
     "rand": (("apgd-ce", {**_APGD, "eot": EOT_DRAWS}), ("apgd-dlr", {**_APGD, "eot": EOT_DRAWS})),
+    "fast": (("apgd-ce", _APGD), ("apgd-t", {**_TARGETED, "n_target_classes": FAST_TARGETS, "target_order": "malt"}),
+             ("fab-t", {**_TARGETED, **_GATED}), ("square", {**_SQUARE, **_GATED})),
 }
 
 # The names other attack files may give a setting (the original's and the registry's conventions).
@@ -104,13 +114,14 @@ def _named(version: str, label: str, settings: dict, amp) -> AttackSpec:
         raise ValueError(f"version {version!r} needs the attack {what}, which is not registered; "
                          f"registered: {', '.join(ATTACKS)}")
     wanted = {**fixed, **settings}
-    eot = wanted.pop("eot", None)
+    eot, gate = wanted.pop("eot", None), wanted.pop("gate", None)
     if amp is not False and "amp" in get_attack(kind).defaults:
         wanted["amp"] = amp
     params = _settings(version, label, kind, wanted)
     if eot is not None:
         return _eot_spec(label, {**get_attack(kind).params(**params), "eot": eot})
-    return make_attack(kind, name=label, **params)
+    spec = make_attack(kind, name=label, **params)
+    return spec if gate is None else replace(spec, gate=gate)
 
 
 def resolve_ensemble(version: Optional[str], attacks, amp=False):

@@ -25,13 +25,16 @@ _FUNCTIONAL = {A.fgsm: "fgsm", A.bim: "bim", A.pgd: "pgd"}
 class AttackSpec:
     """One attack of an evaluation. ``name`` labels it in the report; ``kind`` is a registry name (the
     gradient-masking checks compare kinds) or ``custom``; ``params`` its hyper-parameters as recorded in the
-    report. ``per_sample_eps``: it takes a tensor of per-sample ε."""
+    report. ``per_sample_eps``: it takes a tensor of per-sample ε. ``gate``: in an AutoAttack version, which of
+    the points still robust it attacks: all of them (None) or, with ``"flagged"``, only those the sanity
+    checks flag (see :func:`robust_ext.evaluation.autoattack`)."""
 
     name: str
     kind: str
     params: Dict[str, Any]
     run: Callable = field(repr=False)
     per_sample_eps: bool = False
+    gate: Optional[str] = None
 
     def __call__(self, model, x, y, eps, *, norm="linf", clip_min=0.0, clip_max=1.0, generator=None, rebind=False):
         """``x_adv`` for budget ``eps`` (a float, or a per-sample tensor when ``per_sample_eps``) under
@@ -40,7 +43,10 @@ class AttackSpec:
         return self.run(model, x, y, eps, norm, clip_min, clip_max, generator, rebind)
 
     def describe(self) -> Dict[str, Any]:
-        return {"name": self.name, "kind": self.kind, "params": dict(self.params)}
+        out = {"name": self.name, "kind": self.kind, "params": dict(self.params)}
+        if self.gate is not None:
+            out["gate"] = self.gate
+        return out
 
     def alpha(self, eps):
         """The step size this spec takes at ``eps`` (None for an attack without one or not from the registry)."""
