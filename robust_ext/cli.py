@@ -72,6 +72,16 @@ def _floats(text: str) -> List[float]:
     return values
 
 
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 1, got {text.strip()!r}")
+    return value
+
+
 def _amp(text: str):
     import torch
 
@@ -228,13 +238,15 @@ def cmd_demo(args) -> int:
     from .demo import format_demo, run_demo
 
     check_out_dir(args.out)
-    kwargs = dict(epochs=args.epochs, steps=20, amp=args.amp, seed=args.seed, progress=_progress(args))
+    kwargs = dict(epochs=args.epochs, steps=20, amp=args.amp, seed=args.seed, progress=_progress(args),
+                  aa_points=args.aa_points)
     if args.quick:  # CI's smoke run: same pipeline, small data, few epochs
-        kwargs.update(epochs=min(args.epochs, 2), n_train=1000, n_test=200)
+        kwargs.update(epochs=min(args.epochs, 2), n_train=1000, n_test=200, aa_points=min(args.aa_points, 50))
     summary = run_demo(args.out, **kwargs)
     print(format_demo(summary))
     files = ["demo.json", "accuracy_vs_eps.png", "standard_vs_robust.png", "adversarial_examples.png",
-             "pgd_probabilities.png", "standard_report.json", "robust_report.json"]
+             "pgd_probabilities.png", "standard_report.json", "robust_report.json", "standard_autoattack.json",
+             "robust_autoattack.json"]
     print(f"\nwrote {', '.join(f'{args.out}/{f}' for f in files)}; checkpoints and training logs in "
           f"{args.out}/standard and {args.out}/robust")
     return 0
@@ -247,9 +259,10 @@ def cmd_tradeoff(args) -> int:
     check_out_dir(args.out)
     summary = run_tradeoff(args.out, eps_values=args.eps, eval_eps=args.eval_eps, epochs=args.epochs, amp=args.amp,
                            seed=args.seed, progress=_progress(args), n_test=args.n)
-    print(f"{'train eps':>10}{'clean':>8}{'PGD':>8}   (PGD-20 at eps = {args.eval_eps})")
+    print(f"{'train eps':>10}{'clean':>8}{'PGD-20':>8}{'AutoAttack':>12}   (eps = {args.eval_eps}; "
+          f"{summary['config']['n_test']} test digits; AutoAttack {summary['config']['autoattack']['version']})")
     for r in summary["rows"]:
-        print(f"{r['train_eps']:>10g}{r['clean']:>8.1%}{r['pgd']:>8.1%}")
+        print(f"{r['train_eps']:>10g}{r['clean']:>8.1%}{r['pgd']:>8.1%}{r['autoattack']:>12.1%}")
     print(f"\nwrote {args.out}/tradeoff.json and tradeoff.png")
     return 0
 
@@ -446,14 +459,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="auto (default: bf16 autocast on a CPU with native bf16 convolutions, fp16 on CUDA, else "
                    "fp32) | on | off (fp32) | bf16 | fp16")
     d.add_argument("--seed", type=int, default=0, help="data order, initialization and attacks' random starts")
-    d.add_argument("--quick", action="store_true", help="a short run (1,000 digits, 2 epochs) for smoke tests")
+    d.add_argument("--quick", action="store_true",
+                   help="a short run (1,000 training digits, 2 epochs, AutoAttack on 50) for smoke tests")
+    d.add_argument("--aa-points", type=_positive_int, default=200,
+                   help="test digits the AutoAttack (fast) curves and targets run on (default: 200; the MATLAB "
+                        "example's FGSM/BIM run on all)")
 
-    t = sub.add_parser("tradeoff", help="train at several eps, plot clean vs PGD accuracy")
+    t = sub.add_parser("tradeoff", help="train at several eps, plot clean vs AutoAttack (and PGD-20) accuracy")
     t.add_argument("--out", default="tradeoff_out", help="output directory")
     t.add_argument("--eps", type=_floats, default=[0.0, 0.05, 0.1, 0.15, 0.2], help="training eps values")
-    t.add_argument("--eval-eps", type=_number, default=0.1, help="the eps of the PGD-20 evaluation")
+    t.add_argument("--eval-eps", type=_number, default=0.1, help="the eps of the PGD-20 and AutoAttack evaluations")
     t.add_argument("--epochs", type=int, default=5, help="training epochs of each model")
-    t.add_argument("-n", type=int, default=500, help="test digits to evaluate")
+    t.add_argument("-n", type=_positive_int, default=200,
+                   help="test digits to evaluate with PGD-20 and AutoAttack (fast) (default: 200)")
     t.add_argument("--amp", type=_amp, default="auto", help="auto (default: as demo) | on | off | bf16 | fp16")
     t.add_argument("--seed", type=int, default=0, help="data order, initialization and attacks' random starts")
 

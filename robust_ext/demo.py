@@ -25,8 +25,11 @@ log = logging.getLogger(__name__)
 
 DEMO_EPS = 0.1
 DEMO_CURVE = (0.05, 0.1, 0.15, 0.2, 0.3)
-# What the demo must show (issue targets); the report says which held.
-TARGETS = {"standard_clean": 0.96, "robust_clean": 0.95, "robust_bim_0.1": 0.80, "gap_bim_0.15": 0.40}
+AA_POINTS = 200  # test digits the AutoAttack curves run on (the BIM reproduction runs on all)
+AA_VERSION = "fast"  # checked against "standard" by benchmarks/bench_eval.py and tests/test_autoattack_fast.py
+# What the demo must show (issue targets), scored by AutoAttack; the report says which held.
+TARGETS = {"standard_clean": 0.96, "robust_clean": 0.95, "robust_autoattack_0.1": 0.80,
+           "gap_autoattack_0.15": 0.40}
 
 
 def _subset(ds, n: Optional[int]):
@@ -88,16 +91,30 @@ def _plot_comparison(models, test_set, steps: int, amp, path: Path, n: int = 8, 
                           title=f"the same digits under BIM (eps = {DEMO_EPS}, alpha = 0.01, {steps} steps)")
 
 
+def _autoattack(model, test_set, eps, aa_points: int, amp, seed: int, progress: bool, name: str):
+    """AutoAttack (:data:`AA_VERSION`) on the first ``aa_points`` test digits at every ``eps``."""
+    from .evaluation import autoattack
+
+    return autoattack(model, _subset(test_set, aa_points), eps=eps, version=AA_VERSION, amp=amp, seed=seed,
+                      progress=progress, model_name=name, data_name=f"mnist5k test (first {aa_points})",
+                      return_adversarial=False)
+
+
 def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test: Optional[int] = None,
              steps: int = 20, curve: Sequence[float] = DEMO_CURVE, amp=True, seed: int = 0,
-             progress: bool = True, data_dir=None) -> Dict[str, Any]:
+             progress: bool = True, data_dir=None, aa_points: int = AA_POINTS) -> Dict[str, Any]:
     """Train a standard and an FGSM-RS CNN on the 5,000 MNIST digits, evaluate both, write everything.
+
+    The MATLAB example's evaluation (FGSM and BIM, alpha = 0.01, ``steps`` steps) runs on every test digit
+    and is kept as the reproduction row; the curves over eps and the targets are AutoAttack's (``fast``
+    version) on the first ``aa_points`` test digits.
 
     ``amp``: True (default) trains and attacks under bf16 autocast on CPU (fp16 on CUDA), with channels_last
     for training; accuracies are always scored in full precision. False: everything in fp32.
 
     Writes into ``out_dir``: ``standard/`` and ``robust/`` (checkpoints ``best.pt``/``last.pt``, metrics
-    log, training curves), ``standard_report.json``/``robust_report.json`` (full evaluations),
+    log, training curves), ``standard_report.json``/``robust_report.json`` (the FGSM/BIM evaluations),
+    ``standard_autoattack.json``/``robust_autoattack.json`` (the AutoAttack reports),
     ``accuracy_vs_eps.png`` (both models), ``standard_vs_robust.png`` (the same digits attacked on both),
     ``adversarial_examples.png`` and ``pgd_probabilities.png`` (the robust model), and ``demo.json`` (the summary table, timings, and which targets held).
     """
@@ -110,10 +127,11 @@ def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test
     summary: Dict[str, Any] = {"config": {"data": "mnist5k", "n_train": len(train_set), "n_test": len(test_set),
                                           "epochs": epochs, "eps": DEMO_EPS, "bim": {"alpha": 0.01, "steps": steps},
                                           "curve_eps": eps_grid, "amp": str(amp), "seed": seed,
+                                          "autoattack": {"version": AA_VERSION, "points": aa_points},
                                           "robust_ext": __version__, "torch": torch.__version__,
                                           "backend": backend(), "threads": torch.get_num_threads()},
                                "models": {}, "timing_s": {}}
-    reports, trained = {}, {}
+    reports, aa_reports, trained = {}, {}, {}
     for name, method in (("standard", "standard"), ("robust", "fgsm_rs")):
         t = time.perf_counter()
         model, result = _train_one(method, out / name, train_set, test_set, epochs=epochs, eps=DEMO_EPS, amp=amp,
@@ -127,22 +145,30 @@ def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test
         report.to_json(out / f"{name}_report.json")
         summary["timing_s"][f"evaluate_{name}"] = round(time.perf_counter() - t, 1)
         reports[name] = report
+        t = time.perf_counter()
+        aa = _autoattack(model, test_set, eps_grid, aa_points, amp, seed, progress, f"{name} CNN")
+        aa.to_json(out / f"{name}_autoattack.json")
+        summary["timing_s"][f"autoattack_{name}"] = round(time.perf_counter() - t, 1)
+        aa_reports[name] = aa
         summary["models"][name] = {
             "method": method, "epochs_completed": result.epochs_completed, "stopped_early": result.stopped_early,
             "stop_reason": result.stop_reason, "checkpoint": str(scored_checkpoint(model, result, out / name)),
             "clean": report.clean_accuracy,
             "fgsm": dict(zip(report.eps, report.attacks["fgsm"]["accuracy"])),
             "bim": dict(zip(report.eps, report.attacks["bim"]["accuracy"])),
+            "autoattack": {"points": aa.n_samples, "clean": aa.clean_accuracy,
+                           "robust": {e: r["robust_accuracy"] for e, r in zip(aa.eps, aa.results)}},
         }
     from .evaluation.plots import plot_accuracy_curves  # matplotlib: only when plotting
 
-    plot_accuracy_curves({n: r for n, r in reports.items()}, out / "accuracy_vs_eps.png",
+    plot_accuracy_curves({n: (reports[n], aa_reports[n]) for n in reports}, out / "accuracy_vs_eps.png",
                          title="MNIST (5,000 real digits): standard vs FGSM-RS robust CNN")
     _plot_comparison(trained, test_set, steps, amp, out / "standard_vs_robust.png")
     std, rob = summary["models"]["standard"], summary["models"]["robust"]
-    checks = {"standard_clean": std["clean"], "robust_clean": rob["clean"], "robust_bim_0.1": rob["bim"][DEMO_EPS]}
-    if 0.15 in rob["bim"]:
-        checks["gap_bim_0.15"] = rob["bim"][0.15] - std["bim"][0.15]
+    checks = {"standard_clean": std["clean"], "robust_clean": rob["clean"],
+              "robust_autoattack_0.1": rob["autoattack"]["robust"][DEMO_EPS]}
+    if 0.15 in rob["autoattack"]["robust"]:
+        checks["gap_autoattack_0.15"] = rob["autoattack"]["robust"][0.15] - std["autoattack"]["robust"][0.15]
     summary["targets"] = {k: {"value": v, "target": TARGETS[k], "met": v >= TARGETS[k]} for k, v in checks.items()}
     summary["timing_s"]["total"] = round(time.perf_counter() - t0, 1)
     write_json(out / "demo.json", summary)
@@ -150,18 +176,25 @@ def run_demo(out_dir, *, epochs: int = 10, n_train: Optional[int] = None, n_test
 
 
 def format_demo(summary: Dict[str, Any]) -> str:
-    """The demo's table: clean, FGSM and BIM accuracy per model, then the curve and the targets."""
-    eps = summary["config"]["eps"]
-    lines = [f"{'model':<10}{'clean':>8}{'FGSM':>8}{'BIM':>8}   (eps = {eps}, BIM alpha = 0.01, "
-             f"{summary['config']['bim']['steps']} steps; {summary['config']['n_test']} test digits)"]
+    """The demo's table: the MATLAB example's reproduction (clean, FGSM and BIM per model), then the
+    AutoAttack and BIM curves over eps and the targets."""
+    eps, c = summary["config"]["eps"], summary["config"]
+    lines = [f"MATLAB example's evaluation (reproduction): eps = {eps}, BIM alpha = 0.01, {c['bim']['steps']} steps; "
+             f"{c['n_test']} test digits",
+             f"{'model':<10}{'clean':>8}{'FGSM':>8}{'BIM':>8}"]
     for name, m in summary["models"].items():
         lines.append(f"{name:<10}{m['clean']:>8.1%}{m['fgsm'][eps]:>8.1%}{m['bim'][eps]:>8.1%}"
                      + ("   (stopped early: " + str(m["stop_reason"]) + ")" if m["stopped_early"] else ""))
-    grid = summary["config"]["curve_eps"]
+    grid = c["curve_eps"]
+    aa = c.get("autoattack", {})
     lines.append("")
-    lines.append("BIM accuracy over eps: " + "  ".join(f"{e:g}" for e in [0.0] + list(grid)))
+    lines.append(f"robust accuracy over eps {'':<24}" + "".join(f"{e:>8g}" for e in [0.0] + list(grid)))
     for name, m in summary["models"].items():
-        lines.append(f"  {name:<9}" + "  ".join(f"{v:.1%}" for v in [m["clean"]] + [m["bim"][e] for e in grid]))
+        a = m["autoattack"]
+        lines.append(f"  {name:<9}{'AutoAttack ' + str(aa.get('version')) + ', ' + str(a['points']) + ' digits':<32}"
+                     + "".join(f"{v:>8.1%}" for v in [a["clean"]] + [a["robust"][e] for e in grid]))
+        lines.append(f"  {name:<9}{'BIM (MATLAB), ' + str(c['n_test']) + ' digits':<32}"
+                     + "".join(f"{v:>8.1%}" for v in [m["clean"]] + [m["bim"][e] for e in grid]))
     lines.append("")
     for k, t in summary["targets"].items():
         lines.append(f"target {k}: {t['value']:.1%} (>= {t['target']:.0%}) {'met' if t['met'] else 'NOT met'}")
@@ -171,10 +204,11 @@ def format_demo(summary: Dict[str, Any]) -> str:
 
 def run_tradeoff(out_dir, *, eps_values: Sequence[float] = (0.0, 0.05, 0.1, 0.15, 0.2), method: str = "fgsm_rs",
                  eval_eps: float = DEMO_EPS, epochs: int = 5, n_train: Optional[int] = None,
-                 n_test: Optional[int] = 500, pgd_steps: int = 20, amp=True, seed: int = 0,
+                 n_test: Optional[int] = AA_POINTS, pgd_steps: int = 20, amp=True, seed: int = 0,
                  progress: bool = True, data_dir=None) -> Dict[str, Any]:
-    """Train one CNN per training eps (``method``; eps 0 is standard training) and score every one clean
-    and under PGD at ``eval_eps``: the accuracy-robustness trade-off, one point per training eps."""
+    """Train one CNN per training eps (``method``; eps 0 is standard training) and score every one on the
+    first ``n_test`` test digits, clean, under PGD at ``eval_eps`` and under AutoAttack (``fast``): the
+    accuracy-robustness trade-off, one point per training eps, placed by AutoAttack."""
     from .evaluation.plots import plot_tradeoff
 
     out = Path(out_dir)
@@ -188,11 +222,15 @@ def run_tradeoff(out_dir, *, eps_values: Sequence[float] = (0.0, 0.05, 0.1, 0.15
                                    amp=amp, seed=seed, progress=progress)
         report = evaluate(model, test_set, [make_attack("pgd", steps=pgd_steps, amp=amp)], eps=[eval_eps], min_eps=False,
                           seed=seed, progress=progress, model_name=f"train eps={eps:g}", large_eps=None)
+        aa = _autoattack(model, test_set, [eval_eps], len(test_set), amp, seed, progress, f"train eps={eps:g}")
         rows.append({"train_eps": eps, "method": m, "eval_eps": eval_eps, "clean": report.clean_accuracy,
-                     "pgd": report.attacks["pgd"]["accuracy"][0], "epochs_completed": result.epochs_completed,
+                     "pgd": report.attacks["pgd"]["accuracy"][0], "autoattack": aa.robust_accuracy(),
+                     "epochs_completed": result.epochs_completed,
                      "stopped_early": result.stopped_early})
     summary = {"config": {"method": method, "epochs": epochs, "pgd_steps": pgd_steps, "eval_eps": eval_eps,
-                          "n_train": len(train_set), "n_test": len(test_set), "seed": seed}, "rows": rows}
+                          "n_train": len(train_set), "n_test": len(test_set), "seed": seed,
+                          "autoattack": {"version": AA_VERSION, "points": len(test_set)}},
+               "rows": rows}
     plot_tradeoff(rows, out / "tradeoff.png")
     write_json(out / "tradeoff.json", summary)
     return summary

@@ -90,19 +90,25 @@ def test_demo_pipeline_small(tmp_path, monkeypatch):
         return evaluate(model, *args, **kwargs)
 
     monkeypatch.setattr(robust_ext.demo, "evaluate", spy)
-    summary = run_demo(tmp_path, epochs=1, n_train=256, n_test=32, steps=2, curve=(0.1, 0.3), progress=False)
+    summary = run_demo(tmp_path, epochs=1, n_train=256, n_test=32, steps=2, curve=(0.1, 0.3), progress=False,
+                       aa_points=8)
     assert set(summary["models"]) == {"standard", "robust"}
     for name in ("standard", "robust"):
         m = summary["models"][name]
         assert 0 <= m["bim"][0.3] <= m["bim"][0.1] + 1 / 32 <= m["clean"] + 2 / 32
+        aa = m["autoattack"]  # AutoAttack on the first 8 digits: a point robust at 0.3 is robust at 0.1
+        assert aa["points"] == 8 and 0 <= aa["robust"][0.3] <= aa["robust"][0.1] <= aa["clean"]
+        assert json.loads((tmp_path / f"{name}_autoattack.json").read_text())["config"]["version"] == "fast"
         assert (tmp_path / name / "last.pt").exists() and (tmp_path / f"{name}_report.json").exists()
         assert m["checkpoint"] == str(tmp_path / name / "last.pt")  # no early stop: the final epoch was scored
         saved = torch.load(m["checkpoint"], weights_only=True)["state_dict"]
         assert all(torch.equal(saved[k], v) for k, v in scored[f"{name} CNN"].items())
     for png in ("accuracy_vs_eps.png", "adversarial_examples.png", "standard/curves.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
-    assert json.loads((tmp_path / "demo.json").read_text())["targets"].keys() >= {"standard_clean", "robust_clean"}
-    assert "BIM accuracy over eps" in format_demo(summary)
+    assert json.loads((tmp_path / "demo.json").read_text())["targets"].keys() == {
+        "standard_clean", "robust_clean", "robust_autoattack_0.1"}  # no 0.15 on this grid: no gap target
+    text = format_demo(summary)
+    assert "MATLAB example's evaluation (reproduction)" in text and "AutoAttack fast, 8 digits" in text
 
 
 def test_attack_success_rate_is_none_without_correct_samples(tmp_path, capsys):

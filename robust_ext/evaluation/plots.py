@@ -27,38 +27,58 @@ def _save(fig: Figure, path: PathLike) -> Path:
     return atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=100))
 
 
+def _curves(report, with_worst: bool) -> Dict[str, tuple]:
+    """name -> (eps, accuracy) of a :class:`~robust_ext.evaluation.Report` (one per attack, and the worst case)
+    or of an :class:`~robust_ext.evaluation.AutoAttackReport` (its robust accuracy); each from ε = 0."""
+    if hasattr(report, "results"):  # AutoAttack
+        n = report.n_samples
+        curves = {f"AutoAttack ({report.config.get('version')}, {n} pts)":
+                  [r["robust_accuracy"] for r in report.results]}
+    else:
+        curves = {name: a["accuracy"] for name, a in report.attacks.items()}
+        if report.worst_case and with_worst:
+            curves["worst case"] = report.worst_case["accuracy"]
+    out = {}
+    for name, acc in curves.items():
+        eps, acc = list(report.eps), list(acc)
+        if eps[0] > 0:
+            eps, acc = [0.0] + eps, [report.clean_accuracy] + acc
+        out[name] = (eps, acc)
+    return out
+
+
 def plot_accuracy_curves(reports, path: PathLike, *, title: Optional[str] = None) -> Path:
     """Robust accuracy vs ε: one line per attack (plus the worst case), from ε = 0 at clean accuracy.
 
-    ``reports``: a :class:`~robust_ext.evaluation.Report`, a list of them, or a dict name -> report for
-    several models (one line style per model). The first report's target accuracy is drawn dashed.
+    ``reports``: a :class:`~robust_ext.evaluation.Report` or :class:`~robust_ext.evaluation.AutoAttackReport`,
+    a list of them, or a dict name -> report (or a tuple of reports of that model, e.g. its FGSM/BIM
+    evaluation and its AutoAttack run: AutoAttack's line then stands for the worst case) for several models
+    (one line style per model). The first report's target accuracy is drawn dashed.
     """
     if not isinstance(reports, Mapping):
         reports = [reports] if not isinstance(reports, (list, tuple)) else list(reports)
         reports = {r.config.get("model", {}).get("name", f"model {i}"): r for i, r in enumerate(reports)}
     if not reports:
         raise ValueError("plot_accuracy_curves needs at least one report")
+    reports = {m: tuple(r) if isinstance(r, (list, tuple)) else (r,) for m, r in reports.items()}
     fig = Figure(figsize=(8, 5))
     ax = fig.add_subplot()
     colors: Dict[str, str] = {}
     palette = [f"C{i}" for i in range(10)]
-    for k, (model, r) in enumerate(reports.items()):
-        curves = dict((name, a["accuracy"]) for name, a in r.attacks.items())
-        if r.worst_case:
-            curves["worst case"] = r.worst_case["accuracy"]
-        for j, (name, acc) in enumerate(curves.items()):
+    for k, (model, rs) in enumerate(reports.items()):
+        has_aa = any(hasattr(r, "results") for r in rs)
+        curves = {name: c for r in rs for name, c in _curves(r, with_worst=not has_aa).items()}
+        for j, (name, (eps, acc)) in enumerate(curves.items()):
             worst = name == "worst case"
-            color = colors.setdefault(name, "black" if worst else palette[len(colors) % 10])
-            eps, acc = list(r.eps), list(acc)
-            if eps[0] > 0:
-                eps, acc = [0.0] + eps, [r.clean_accuracy] + acc
+            color = colors.setdefault(name, "black" if worst or name.startswith("AutoAttack")
+                                      else palette[len(colors) % 10])
             label = name if len(reports) == 1 else f"{model}: {name}"
             # The worst case is a wide pale band under the attacks' lines: where an attack is the worst case
             # its line runs inside the band instead of being hidden by it.
             style = (dict(linewidth=6, alpha=0.25, zorder=1, solid_capstyle="round") if worst else
                      dict(linewidth=1.6, marker=_MARKERS[j % len(_MARKERS)], markersize=5, zorder=3))
             ax.plot(eps, acc, color=color, linestyle="-" if worst else _LINESTYLES[k % 4], label=label, **style)
-    first = next(iter(reports.values()))
+    first = next(iter(reports.values()))[0]
     target = first.config.get("target_accuracy")
     if target is not None:
         ax.axhline(target, color="grey", linestyle="--", linewidth=1, zorder=2,
@@ -227,22 +247,24 @@ def plot_transfer_matrix(result, path: PathLike, *, title: Optional[str] = None)
 
 
 def plot_tradeoff(rows: Sequence[Mapping], path: PathLike, *, title: Optional[str] = None) -> Path:
-    """The accuracy-robustness trade-off: one point per model, clean accuracy against PGD accuracy,
-    labelled with the ε it was trained at. ``rows``: dicts with ``train_eps``, ``clean``, ``pgd``, ``eval_eps``."""
+    """The accuracy-robustness trade-off: one point per model, clean accuracy against robust accuracy
+    (AutoAttack's where the rows have it, else PGD's), labelled with the ε it was trained at. ``rows``: dicts
+    with ``train_eps``, ``clean``, ``eval_eps`` and ``autoattack`` or ``pgd``."""
     if not rows:
         raise ValueError("plot_tradeoff needs at least one row")
     fig = Figure(figsize=(6, 4.5))
     ax = fig.add_subplot()
     clean = [r["clean"] for r in rows]
-    robust = [r["pgd"] for r in rows]
+    key = "autoattack" if all("autoattack" in r for r in rows) else "pgd"
+    robust = [r[key] for r in rows]
     ax.plot(clean, robust, color="grey", linewidth=0.8, zorder=1)
     points = ax.scatter(clean, robust, c=[r["train_eps"] for r in rows], cmap="viridis", s=50, zorder=2)
     for r in rows:
-        ax.annotate(f"ε={r['train_eps']:g}", (r["clean"], r["pgd"]), textcoords="offset points", xytext=(6, 4),
+        ax.annotate(f"ε={r['train_eps']:g}", (r["clean"], r[key]), textcoords="offset points", xytext=(6, 4),
                     fontsize=8)
     fig.colorbar(points, ax=ax, label="training ε")
     ax.set_xlabel("clean accuracy")
-    ax.set_ylabel(f"PGD accuracy at ε = {rows[0]['eval_eps']:g}")
+    ax.set_ylabel(f"{'AutoAttack' if key == 'autoattack' else 'PGD'} accuracy at ε = {rows[0]['eval_eps']:g}")
     ax.grid(alpha=0.3)
     ax.set_title(title or "accuracy-robustness trade-off")
     fig.tight_layout()
