@@ -4,7 +4,7 @@
     python benchmarks/report.py --write docs/benchmarks.md    # replace the tables between their markers
 
 Each table lives in docs/benchmarks.md between ``<!-- NAME:begin -->`` and ``<!-- NAME:end -->``, NAME one
-of bench_ops, bench_attack, bench_train, bench_layers, and comes from ``benchmarks/results/NAME.json``
+of bench_ops, bench_attack, bench_train, bench_layers, bench_eval, and comes from ``benchmarks/results/NAME.json``
 (``--results DIR`` to read another directory). A section whose JSON is missing or unreadable is left as it
 is, and the script says so: the tables measured by hand stay until someone reruns that benchmark.
 """
@@ -158,8 +158,27 @@ def bench_layers(doc: dict) -> list:
         + _table(header, rows)
 
 
+def bench_eval(doc: dict) -> list:
+    header = ["model", "norm, ε", "run", "robust acc", "s", "× torchattacks", "per attack: s / points / fwd, bwd per point"]
+    rows = []
+    for r in doc["runs"]:
+        for label, row in r["rows"].items():
+            ratio = r["ratios"].get(label, {}).get("speedup_vs_torchattacks")
+            per = "; ".join(f"{k} {v['seconds']:.0f} / {v['attacked']} / {v['forward_per_point']:.0f}, "
+                            f"{v['backward_per_point']:.0f}" for k, v in row["attacks"].items())
+            rows.append([r["model"], f"{r['norm']} {r['eps']:g}", label, f"{100 * row['robust_accuracy']:.1f}%",
+                         f"{row['total_s']:.0f}", "" if ratio is None else f"{ratio:.2f}", per])
+    meta = doc["meta"]
+    cfg = doc["config"]
+    out = [_provenance("bench_eval", meta), "",
+           f"{doc['runs'][0]['n'] if doc['runs'] else '?'} test points per model; attacks with {cfg['steps']} steps, "
+           f"Square {cfg['queries']} queries.", ""] + _table(header, rows) + [""]
+    out += [f"- {name}: **{verdict}**" for name, verdict in doc.get("targets", {}).items()]
+    return out
+
+
 SECTIONS = {"bench_ops": bench_ops, "bench_attack": bench_attack, "bench_train": bench_train,
-            "bench_layers": bench_layers}
+            "bench_layers": bench_layers, "bench_eval": bench_eval}
 
 
 def render(results: Path) -> dict:
