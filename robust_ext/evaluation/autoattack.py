@@ -180,6 +180,9 @@ def _run_attack(model, spec, i, j, e, state, x_all, y_all, dev, threat, lo, hi, 
             found.append((points[rec[0]], rec[1]))
         bar.update(len(points))
         bar.set_postfix(left=len(robust) - int(fooled_now.sum()))
+        if not progress and ctx.is_main:  # no bar (e.g. stderr is not a terminal): a log line per chunk
+            log.info("autoattack %s eps=%.4g: chunk %d of %d done, %d of %d points left robust", spec.name, e,
+                     k + 1, len(chunks), len(robust) - int(fooled_now.sum()), len(robust))
     bar.close()
     return fooled_now, outside, found
 

@@ -176,8 +176,12 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
 
     with torch.random.fork_rng(devices=rng_devices(dev)), eval_mode(model):
         torch.manual_seed(seed)
-        for x, y in tqdm(_working_batches(batches, model, dev, batch_size, work), total=batches.num_batches,
-                         desc="evaluate", disable=not progress, leave=False):
+        for k, (x, y) in enumerate(tqdm(_working_batches(batches, model, dev, batch_size, work),
+                                        total=batches.num_batches, desc="evaluate", disable=not progress,
+                                        leave=False)):
+            if not progress and k:  # no bar (e.g. stderr is not a terminal): a log line per batch instead
+                log.info("evaluate: %d of %s batches done, %.0f s", k, batches.num_batches or "?",
+                         time.perf_counter() - t_start)
             if examples is None:
                 examples = (x[:max(EXAMPLE_POOL, n_examples)], y[:max(EXAMPLE_POOL, n_examples)])
                 big = _large_eps(large_eps, clip_min, clip_max, threat, x[0].numel() if len(x) else 0)
