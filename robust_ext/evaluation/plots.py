@@ -61,7 +61,7 @@ def plot_accuracy_curves(reports, path: PathLike, *, title: Optional[str] = None
     if not reports:
         raise ValueError("plot_accuracy_curves needs at least one report")
     reports = {m: tuple(r) if isinstance(r, (list, tuple)) else (r,) for m, r in reports.items()}
-    fig = Figure(figsize=(8, 5))
+    fig = Figure(figsize=(10.5, 5))
     ax = fig.add_subplot()
     colors: Dict[str, str] = {}
     palette = [f"C{i}" for i in range(10)]
@@ -87,7 +87,7 @@ def plot_accuracy_curves(reports, path: PathLike, *, title: Optional[str] = None
     ax.set_ylabel("robust accuracy")
     ax.set_ylim(-0.02, 1.02)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=9, framealpha=0.9)
+    ax.legend(fontsize=9, loc="center left", bbox_to_anchor=(1.01, 0.5))  # beside the axes: hides no line
     ax.set_title(title or f"robust accuracy vs eps ({first.n_samples} samples of "
                           f"{first.config.get('data', {}).get('name', 'data')})")
     fig.tight_layout()
