@@ -21,6 +21,10 @@ _FALLBACK_RUN = "ROBUST_EXT_BACKEND=reference: this run tests the fallback, not 
 def pytest_configure(config):
     config.addinivalue_line("markers", "needs_extension: tests the compiled extension itself (skipped only "
                                        "under ROBUST_EXT_BACKEND=reference)")
+    # pyproject.toml's addopts (-m 'not slow') leaves these out of the default run; `.ci/run` runs them
+    # after it with `python -m pytest -q -m slow` (docs/testing.md).
+    config.addinivalue_line("markers", "slow: left out of the default run (heavy duplicates, > 2**31-element "
+                                       "tensors, long training/subprocess tests); run with -m slow")
 
 
 def pytest_collection_modifyitems(config, items):

@@ -378,6 +378,7 @@ def _mean_accuracy(model, y, run):
     return 100 * statistics.mean(accuracy(model, run(s), y) for s in SEEDS)
 
 
+@pytest.mark.slow  # 5 seeds x 3 libraries; the default run keeps the L2 strength test and the trajectory match
 @pytest.mark.parametrize("loss", ["ce", "dlr"])
 def test_apgd_as_strong_as_torchattacks_and_adv_lib(digits, torchattacks, adv_lib_apgd, loss):
     """Mean robust accuracy over 5 seeds: one seed alone moves by about ±0.4 points (one image in 250), and
@@ -397,6 +398,7 @@ def test_apgd_as_strong_as_torchattacks_and_adv_lib(digits, torchattacks, adv_li
         assert ours <= al + 0.5, (ours, al)
 
 
+@pytest.mark.slow
 def test_apgd_t_as_strong_as_torchattacks_and_adv_lib(digits, torchattacks, adv_lib_apgd):
     model, x, y = digits
     ours = 100 * accuracy(model, apgd_t(model, x, y, eps=EPS, generator=gen()), y)

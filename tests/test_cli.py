@@ -78,6 +78,7 @@ def test_console_script_runs():
     assert json.loads(out.stdout)["backend"]["cpu"] in ("extension", "reference")
 
 
+@pytest.mark.slow  # trains two models; .ci/run also runs `robust-ext demo --quick`
 def test_demo_pipeline_small(tmp_path, monkeypatch):
     """The demo's whole pipeline on a sliver of the data: files, table and targets are all there, and each
     model's "checkpoint" holds exactly the weights its numbers were scored on."""

@@ -314,8 +314,9 @@ def test_first_run_is_the_references(digits, norm, targeted):
 
 
 
-@pytest.mark.parametrize("norm", ["linf", "l2"])
-@pytest.mark.parametrize("targeted", [False, True])
+@pytest.mark.parametrize("targeted, norm", [  # the default run keeps untargeted L2 (the others ~5-10 s each)
+    pytest.param(False, "linf", marks=pytest.mark.slow), (False, "l2"),
+    pytest.param(True, "linf", marks=pytest.mark.slow), pytest.param(True, "l2", marks=pytest.mark.slow)])
 def test_as_strong_as_torchattacks(digits, norm, targeted):
     torchattacks = pytest.importorskip("torchattacks")
     model, x, y = digits

@@ -76,6 +76,7 @@ def test_out_is_checked_before_any_work(tmp_path, capsys, monkeypatch, command, 
 
 
 # ------------------------------------------------------------------------------ 3: seeded train
+@pytest.mark.slow  # two CLI training runs on all of digits
 def test_train_command_is_reproducible(tmp_path, capsys):
     states = []
     for run_dir in ("a", "b"):

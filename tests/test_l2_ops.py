@@ -395,6 +395,7 @@ def test_torch_compile_reference_fullgraph():
     same(project(x_adv, x), reference.l2_project(x_adv, x, 0.2, 0.0, 1.0))
 
 
+@pytest.mark.slow  # > 2**31 elements, 8 GB
 @pytest.mark.needs_extension
 def test_64bit_indexing():
     """More than 2^31 elements: a per-sample projection whose second sample lies past 32-bit offsets."""

@@ -94,12 +94,12 @@ def test_training_refuses_a_held_out_dir(held):
     assert not (out / "metrics.jsonl").exists() and not (out / "last.pt").exists()
 
 
-@pytest.mark.parametrize("argv", [
+@pytest.mark.parametrize("argv", [  # each ~2 s (a lock-holding process); the default run keeps train, evaluate
     ["train", "--epochs", "1"],
-    ["demo", "--quick"],
-    ["tradeoff", "--epochs", "1"],
+    pytest.param(["demo", "--quick"], marks=pytest.mark.slow),
+    pytest.param(["tradeoff", "--epochs", "1"], marks=pytest.mark.slow),
     ["evaluate", "--model", "/nonexistent.pt"],
-    ["attack", "--model", "/nonexistent.pt"],
+    pytest.param(["attack", "--model", "/nonexistent.pt"], marks=pytest.mark.slow),
 ])
 def test_cli_commands_refuse_a_held_out_before_any_work(held, capsys, argv):
     out, proc = held

@@ -113,6 +113,7 @@ def test_uniform(dtype):
     assert scipy.stats.chisquare(counts).pvalue > 1e-3
 
 
+@pytest.mark.slow  # > 2**31 elements, 8 GB (the suite's peak memory)
 @pytest.mark.needs_extension
 def test_64bit_indexing_and_per_sample():
     """More than 2**31 elements: per-sample budgets and Philox counters past 32-bit indices."""

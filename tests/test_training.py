@@ -157,12 +157,15 @@ def standard_and_fast():
     return out
 
 
+# slow (about 130 s here): one epoch each with amp=True (bf16 autocast; this CPU has no native bf16).
+@pytest.mark.slow
 def test_standard_training_learns(standard_and_fast):
     final = standard_and_fast["standard"].final
     assert final["test_acc"] > 0.6 and final["train_acc"] > 0.4  # chance is 0.1; measured 0.77-0.85
     assert final["train_loss"] < 2.0
 
 
+@pytest.mark.slow  # shares the fixture above
 def test_fgsm_rs_is_more_robust_than_standard(standard_and_fast):
     # measured with seeds 0-3: standard 0.035-0.095, FGSM-RS 0.31-0.39
     std, fast = standard_and_fast["standard"].final, standard_and_fast["fgsm_rs"].final
@@ -290,6 +293,7 @@ def test_resume_in_a_fresh_process_is_bit_identical(straight_run, tmp_path):
         train(worker.fresh_model(), worker.subset(worker.RESUME_N), None, cfg, resume=True, lr=1e-3)
 
 
+@pytest.mark.slow  # the default run keeps the fresh-process resume above and AutoAttack's SIGKILL test
 def test_sigkill_mid_epoch_then_resume(straight_run, tmp_path):
     weights, _ = straight_run
     env = dict(os.environ, PYTHONPATH=str(Path(WORKER).parent))
@@ -329,6 +333,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow  # the default run keeps test_autoattack.py's torchrun test
 def test_torchrun_two_processes_match_one(tmp_path):
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONPATH=str(Path(WORKER).parent))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_addr=127.0.0.1",
