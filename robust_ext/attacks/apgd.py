@@ -44,6 +44,13 @@ __all__ = ["apgd", "apgd_t", "apgd_loop", "rank_targets", "checkpoint_schedule",
 
 MOMENTUM = 0.75
 MALT_CANDIDATES = 9  # the classes target_order="malt" re-ranks: AutoAttack's 9 likeliest targets
+TARGET_ORDERS = ("logits", "malt")
+
+
+def check_target_order(order) -> str:
+    if order not in TARGET_ORDERS:
+        raise ValueError(f"target_order must be 'logits' or 'malt', got {order!r}")
+    return order
 _FIRST, _DECAY, _MIN = 0.22, 0.03, 0.06  # the checkpoint schedule's fractions of the iterations
 
 
@@ -232,10 +239,8 @@ def rank_targets(model, x, y, clean_logits, threat, order: str = "logits", candi
     """
     z = clean_logits.detach().float().scatter(1, y.unsqueeze(1), -math.inf)
     ranked = z.argsort(1, descending=True)[:, :z.shape[1] - 1]
-    if order == "logits":
+    if check_target_order(order) == "logits":
         return ranked
-    if order != "malt":
-        raise ValueError(f"target_order must be 'logits' or 'malt', got {order!r}")
     k = MALT_CANDIDATES if candidates is None else checks.check_int(candidates, "malt_candidates", 1)
     cand = ranked[:, :min(k, ranked.shape[1])]
     distances = []
@@ -337,8 +342,7 @@ def apgd_t(model, x, y, *, eps, steps=100, n_target_classes=9, restarts=1, norm=
     """
     n_target_classes = checks.check_int(n_target_classes, "n_target_classes", 1)
     checks.check_int(malt_candidates, "malt_candidates", 1)
-    if target_order not in ("logits", "malt"):
-        raise ValueError(f"target_order must be 'logits' or 'malt', got {target_order!r}")
+    check_target_order(target_order)
     x, y, eps, lo, hi, obj, threat = core.setup(model, x, y, eps, False, clip_min, clip_max, loss, amp, norm)
     if not obj.loss.needs_target:
         raise ValueError(f"apgd_t needs a loss that takes a target class (e.g. 'dlr_targeted'), "

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 
 from . import checks
-from .apgd import _check_rho, apgd, apgd_t
+from .apgd import _check_rho, apgd, apgd_t, check_target_order
 from .fab import check_fab_params, fab, fab_t
 from .fgsm import fgsm, fgsm_rs
 from .pgd import bim, pgd
@@ -164,8 +164,7 @@ class APGDT(Attack):
         _check_rho(rho)
         checks.check_int(n_target_classes, "n_target_classes", 1)
         checks.check_int(malt_candidates, "malt_candidates", 1)
-        if target_order not in ("logits", "malt"):
-            raise ValueError(f"target_order must be 'logits' or 'malt', got {target_order!r}")
+        check_target_order(target_order)
         super().__init__(model, norm=norm, eps=eps, steps=steps, restarts=restarts,
                          n_target_classes=n_target_classes, loss=loss, rho=rho, early_stop=early_stop,
                          target_order=target_order, malt_candidates=malt_candidates, clip_min=clip_min, clip_max=clip_max, amp=amp, generator=generator, fuse=fuse)
