@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import cpu_model, malloc_in_use  # noqa: E402
 
 from robust_ext.attacks.checks import cpu_runs_bf16_natively  # noqa: E402
+from robust_ext.attacks.threats import get_threat  # noqa: E402
 from robust_ext.data import load_dataset  # noqa: E402
 from robust_ext.evaluation import autoattack  # noqa: E402
 from robust_ext.models import SmallCNN  # noqa: E402
@@ -120,8 +121,7 @@ def run_peer(counter: Counter, x, y, norm, eps, steps, queries, batch) -> dict:
             if part.numel() == 0:
                 continue
             adv = atk(x[part], y[part])
-            dist = (adv - x[part]).flatten(1)
-            dist = dist.abs().amax(1) if norm == "linf" else dist.norm(dim=1)
+            dist = get_threat(norm).distance(adv, x[part])
             with torch.no_grad():
                 fooled = (counter.model(adv).argmax(1) != y[part]) & (dist <= eps * (1 + 1e-5) + 1e-6)
             robust[part[fooled]] = False
