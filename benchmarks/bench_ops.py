@@ -27,8 +27,13 @@ Baselines for the PGD L2 step (``l2_step_``, alpha = 0.5, eps = 2.0 per sample o
   where the step's working set fits in the last-level cache (beyond that both are memory-bound).
 * the L-inf roofline above: the fused L2 step is held to 1.5x the traffic-equivalent elementwise op.
 
+APGD's update (``linf_apgd_update``, ``l2_apgd_update``; momentum 0.75, a per-sample step ``eta = 2 eps``)
+beside the ops APGD composed before it (``ThreatModel.apgd_update``'s default: the step op on a copy, five
+in-place PyTorch ops, the projection op), whose result is the fused op's bit for bit in fp32.
+
 ns/element and GB/s use the op's minimal traffic (step and L2 step: 3 reads + 1 write; project and fgsm:
-2 + 1; random init: 1 + 1) for every implementation of that op, so GB/s compares implementations of one op.
+2 + 1; random init: 1 + 1; APGD's update: 4 + 1) for every implementation of that op, so GB/s compares
+implementations of one op.
 Benchmarks are not tests: a MISS is reported, never raised.
 """
 from __future__ import annotations
@@ -83,8 +88,12 @@ INFO_RATIOS = [
     ("l2_best_inplace_eager/fused", "l2.best_inplace", "l2.fused_"),
     ("l2_fused/linf_fused", "l2.fused_", "step.fused_"),
     ("l2_init_eager/fused_init", "l2init.eager", "l2init.fused"),
+    ("apgd_composed/fused", "apgd.composed", "apgd.fused"),
+    ("l2_apgd_composed/fused", "l2apgd.composed", "l2apgd.fused"),
 ]
-STREAMS = {"step": 4, "project": 3, "fgsm": 3, "init": 2, "l2": 4, "l2init": 2}  # tensors read + written per element
+# tensors read + written per element
+STREAMS = {"step": 4, "project": 3, "fgsm": 3, "init": 2, "l2": 4, "l2init": 2, "apgd": 5, "l2apgd": 5}
+MOMENTUM = 0.75
 
 
 def _ta_step(x_adv, grad, x, alpha: float, eps: float):
@@ -119,6 +128,13 @@ def _l2_formula(x_adv, grad, x, alpha: float, eps: float):
     d = x_adv - x + torch.where(gn > 0, alpha / gn, 0.0) * g
     dn = torch.linalg.vector_norm(d.flatten(1), dim=1).view(view)
     return torch.clamp(x + d * torch.where(dn > eps, eps / dn, 1.0), 0, 1)
+
+
+def _apgd_composed(norm: str, x_adv, x_prev, grad, x, eta, eps: float, m: float):
+    """APGD's update as robust_ext.attacks.apgd composed it before the fused op."""
+    z = getattr(ops, f"{norm}_step_")(x_adv.clone(), grad, x, eta, eps)
+    z.sub_(x_adv).mul_(m).add_(x_adv).add_((x_adv - x_prev).mul_(1.0 - m))
+    return getattr(ops, f"{norm}_project_")(z, x, eps)
 
 
 # In-place eager L2 step candidates (`view` = (-1, 1, 1, 1); `buf` a scratch tensor like x).
@@ -345,6 +361,18 @@ def bench_config(shape, dtype, threads, device, min_run_time, compiled, gen):
     run("l2init.fused", "ops.l2_random_init(x, l2_eps)")
     run("l2init.eager", "torch.clamp(x + (lambda d: d * (torch.rand(d.shape[0], 1, 1, 1, device=d.device) / "
         "torch.linalg.vector_norm(d.flatten(1), dim=1).view(view)) * l2_eps)(torch.randn_like(x)), 0, 1)")
+
+    # APGD's update: the fused op, then the ops it replaces
+    xp = (2 * x - x_adv).clamp_(0, 1)
+    eta = torch.full((x.shape[0],), 2 * EPS, device=device)
+    l2_eta = torch.full((x.shape[0],), 2 * L2_EPS, device=device)
+    env.update(xp=xp, eta=eta, l2_eta=l2_eta, m=MOMENTUM, composed=_apgd_composed)
+    apgd_ref = ops.linf_apgd_update(x_adv, xp, grad, x, eta, EPS, MOMENTUM)
+    run("apgd.fused", "ops.linf_apgd_update(xa, xp, g, x, eta, eps, m)", apgd_ref, xa=x_adv)
+    run("apgd.composed", "composed('linf', xa, xp, g, x, eta, eps, m)", apgd_ref, xa=x_adv)
+    l2_apgd_ref = ops.l2_apgd_update(x_adv, xp, grad, x, l2_eta, L2_EPS, MOMENTUM)
+    run("l2apgd.fused", "ops.l2_apgd_update(xa, xp, g, x, l2_eta, l2_eps, m)", l2_apgd_ref, xa=x_adv)
+    run("l2apgd.composed", "composed('l2', xa, xp, g, x, l2_eta, l2_eps, m)", l2_apgd_ref, xa=x_adv)
 
     return {"shape": list(shape), "dtype": str(dtype).replace("torch.", ""), "threads": threads,
             "device": str(device), "numel": n, "element_size": x.element_size(),

@@ -3,7 +3,7 @@
 //
 // A family supplies `Layout` -- Layout::run(out, kernel, inputs...) runs the kernel on the layouts it
 // can walk (else on copies), Layout::shape(out, budgets) says how the kernel sees the samples -- and a
-// backend supplies `K`: step, project, single_step and random_init loops over such tensors.
+// backend supplies `K`: step, project, apgd_update, single_step and random_init loops over such tensors.
 #pragma once
 
 #include <initializer_list>
@@ -77,6 +77,48 @@ struct BallOps {
     step_into(x_adv, x_adv, grad, x, alpha, eps, lo, hi, alpha_t, eps_t);
   }
 
+  // APGD's update (Croce & Hein 2020): the step from x_adv, then the momentum point
+  // x_adv + momentum (z - x_adv) + (1 - momentum)(x_adv - x_prev) projected and clipped, in one op.
+  static void check_apgd(const Tensor& x_adv, const Tensor& x_prev, const Tensor& grad, const Tensor& x,
+                         double alpha, double eps, double momentum, double lo, double hi, const OptTensor& alpha_t,
+                         const OptTensor& eps_t) {
+    check_step(x_adv, grad, x, alpha, eps, lo, hi, alpha_t, eps_t);
+    check_like(x_prev, "x_prev", x, "x");
+    check_momentum(momentum);
+  }
+
+  // momentum == 1 is the step (APGD's first iteration): the momentum point would be (z - x_adv) + x_adv,
+  // which can differ from z in the last bit, and x_prev is not read.
+  static void apgd_update_into(const Tensor& out, const Tensor& x_adv, const Tensor& x_prev, const Tensor& grad,
+                               const Tensor& x, double alpha, double eps, double momentum, double lo, double hi,
+                               const OptTensor& alpha_t, const OptTensor& eps_t) {
+    if (momentum == 1.0) {
+      step_into(out, x_adv, grad, x, alpha, eps, lo, hi, alpha_t, eps_t);
+      return;
+    }
+    const Budget a = make_budget(alpha, alpha_t, x), e = make_budget(eps, eps_t, x);
+    Layout::run(out, [&](const Tensor& o, const Tensor& xa, const Tensor& xp, const Tensor& g, const Tensor& xx) {
+      K::apgd_update(o, xa, xp, g, xx, a, e, momentum, lo, hi, Layout::shape(o, {&a, &e}));
+    }, x_adv, x_prev, grad, x);
+  }
+
+  static Tensor apgd_update(const Tensor& x_adv, const Tensor& x_prev, const Tensor& grad, const Tensor& x,
+                            double alpha, double eps, double momentum, double lo, double hi, const OptTensor& alpha_t,
+                            const OptTensor& eps_t) {
+    check_apgd(x_adv, x_prev, grad, x, alpha, eps, momentum, lo, hi, alpha_t, eps_t);
+    Tensor out = at::empty_like(x_adv);
+    apgd_update_into(out, x_adv, x_prev, grad, x, alpha, eps, momentum, lo, hi, alpha_t, eps_t);
+    return out;
+  }
+
+  static void apgd_update_(const Tensor& x_adv, const Tensor& x_prev, const Tensor& grad, const Tensor& x,
+                           double alpha, double eps, double momentum, double lo, double hi, const OptTensor& alpha_t,
+                           const OptTensor& eps_t) {
+    check_apgd(x_adv, x_prev, grad, x, alpha, eps, momentum, lo, hi, alpha_t, eps_t);
+    check_writable(x_adv, {x_prev, grad, x}, {alpha_t, eps_t});
+    apgd_update_into(x_adv, x_adv, x_prev, grad, x, alpha, eps, momentum, lo, hi, alpha_t, eps_t);
+  }
+
   static void project_into(const Tensor& out, const Tensor& x_adv, const Tensor& x, double eps, double lo,
                            double hi, const OptTensor& eps_t) {
     const Budget e = make_budget(eps, eps_t, x);
@@ -132,9 +174,9 @@ struct BallOps {
   }
 };
 
-// The six ops of a family under its schema names (robust_ext.cpp).
+// The eight ops of a family under its schema names (robust_ext.cpp).
 struct BallOpNames {
-  const char *step, *step_, *project, *project_, *single_step, *random_init;
+  const char *step, *step_, *project, *project_, *apgd_update, *apgd_update_, *single_step, *random_init;
 };
 
 template <class K, class Layout>
@@ -144,6 +186,8 @@ void register_ball_ops(torch::Library& m, const BallOpNames& names) {
   m.impl(names.step_, &Ops::step_);
   m.impl(names.project, &Ops::project);
   m.impl(names.project_, &Ops::project_);
+  m.impl(names.apgd_update, &Ops::apgd_update);
+  m.impl(names.apgd_update_, &Ops::apgd_update_);
   m.impl(names.single_step, &Ops::single_step);
   m.impl(names.random_init, &Ops::random_init);
 }

@@ -111,6 +111,11 @@ inline void check_budget(double value, const c10::optional<at::Tensor>& per_samp
   }
 }
 
+// APGD's momentum weight: the new iterate is x_adv + momentum (z - x_adv) + (1 - momentum)(x_adv - x_prev).
+inline void check_momentum(double momentum) {
+  TORCH_CHECK(momentum >= 0.0 && momentum <= 1.0, "momentum must be in [0, 1], got ", momentum);
+}
+
 // The Philox key of a random init (philox.h): a 0-d int64 tensor on the CPU or on x's device.
 inline void check_seed(const at::Tensor& seed, const at::Tensor& x) {
   TORCH_CHECK(seed.defined() && seed.dim() == 0 && seed.scalar_type() == at::kLong,

@@ -24,5 +24,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T clamp(T v, T lo, T hi) {
   return t > hi ? hi : t;
 }
 
+// APGD's momentum point x_adv + m (z - x_adv) + (1 - m)(x_adv - x_prev) (Croce & Hein 2020), in the order of
+// the reference implementation and of the composed ops it replaces, one rounding per operation (no FMA:
+// setup.py): ((z - x_adv) * m + x_adv) + (x_adv - x_prev) * m1, where m1 = 1 - m is rounded from double (as
+// torch rounds the Python float `1.0 - momentum`).
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T apgd_momentum(T z, T x_adv, T x_prev, T m, T m1) {
+  return ((z - x_adv) * m + x_adv) + (x_adv - x_prev) * m1;
+}
+
 }  // namespace math
 }  // namespace robust_ext

@@ -69,6 +69,16 @@ TORCH_LIBRARY(robust_ext, m) {
   m.def("fgm(Tensor x, Tensor grad, float eps, float clip_min, float clip_max, Tensor? eps_t=None) -> Tensor");
   m.def("l2_random_init(Tensor x, float eps, float clip_min, float clip_max, Tensor seed, "
         "Tensor? eps_t=None) -> Tensor");
+  // APGD's update (Croce & Hein 2020) in each ball: the step from x_adv, then the momentum point
+  // x_adv + momentum (z - x_adv) + (1 - momentum)(x_adv - x_prev) projected and clipped (ball_ops.h).
+  m.def("linf_apgd_update(Tensor x_adv, Tensor x_prev, Tensor grad, Tensor x, float alpha, float eps, "
+        "float momentum, float clip_min, float clip_max, Tensor? alpha_t=None, Tensor? eps_t=None) -> Tensor");
+  m.def("linf_apgd_update_(Tensor(a!) x_adv, Tensor x_prev, Tensor grad, Tensor x, float alpha, float eps, "
+        "float momentum, float clip_min, float clip_max, Tensor? alpha_t=None, Tensor? eps_t=None) -> ()");
+  m.def("l2_apgd_update(Tensor x_adv, Tensor x_prev, Tensor grad, Tensor x, float alpha, float eps, "
+        "float momentum, float clip_min, float clip_max, Tensor? alpha_t=None, Tensor? eps_t=None) -> Tensor");
+  m.def("l2_apgd_update_(Tensor(a!) x_adv, Tensor x_prev, Tensor grad, Tensor x, float alpha, float eps, "
+        "float momentum, float clip_min, float clip_max, Tensor? alpha_t=None, Tensor? eps_t=None) -> ()");
   // max_pool2d(relu(x), kernel 2, stride 2) and its backward (CPU; other devices use ATen's ops):
   // `code` holds, per output, the window tap that takes the gradient (0-3) or 4 for none; the backward's
   // result has x's layout, which the caller passes (a pooled map can be both NCHW and channels_last).

@@ -34,13 +34,15 @@ import torch
 
 from . import reference
 
-__all__ = ["linf_step", "linf_step_", "linf_project", "linf_project_", "fgsm", "linf_random_init",
-           "l2_step", "l2_step_", "l2_project", "l2_project_", "fgm", "l2_random_init", "backend", "build_info"]
+__all__ = ["linf_step", "linf_step_", "linf_project", "linf_project_", "linf_apgd_update", "linf_apgd_update_", "fgsm",
+           "linf_random_init", "l2_step", "l2_step_", "l2_project", "l2_project_", "l2_apgd_update", "l2_apgd_update_",
+           "fgm", "l2_random_init", "backend", "build_info"]
 
 log = logging.getLogger("robust_ext")
 
-_OP_NAMES = ("linf_step", "linf_step_", "linf_project", "linf_project_", "fgsm", "linf_random_init",
-             "l2_step", "l2_step_", "l2_project", "l2_project_", "fgm", "l2_random_init")
+_OP_NAMES = ("linf_step", "linf_step_", "linf_project", "linf_project_", "linf_apgd_update", "linf_apgd_update_",
+             "fgsm", "linf_random_init", "l2_step", "l2_step_", "l2_project", "l2_project_", "l2_apgd_update",
+             "l2_apgd_update_", "fgm", "l2_random_init")
 
 
 def _load_extension():
@@ -125,6 +127,13 @@ def _step_args(x, alpha, eps, clip_min, clip_max):
     return a, e, _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), a_t, e_t
 
 
+def _apgd_args(x, alpha, eps, momentum, clip_min, clip_max):
+    """(alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t) in the schema's order and types."""
+    a, a_t = _budget(alpha, "alpha", x)
+    e, e_t = _budget(eps, "eps", x)
+    return a, e, _bound(momentum, "momentum"), _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), a_t, e_t
+
+
 def _ball_args(x, eps, clip_min, clip_max):
     """(eps, clip_min, clip_max, eps_t) in the schema's order and types."""
     e, e_t = _budget(eps, "eps", x)
@@ -153,6 +162,24 @@ def linf_project(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
 def linf_project_(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
     """In-place :func:`linf_project`: updates and returns ``x_adv``."""
     _impl(x).linf_project_(x_adv, x, *_ball_args(x, eps, clip_min, clip_max))
+    return x_adv
+
+
+def linf_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min=0.0, clip_max=1.0):
+    """APGD's update (Croce & Hein 2020) in the L-inf ball, fused: ``z = linf_step(x_adv, grad, x, alpha, eps)``
+    (rounded to the dtype, as the step returns it), then the momentum point
+    ``x_adv + momentum (z - x_adv) + (1 - momentum)(x_adv - x_prev)``, computed as
+    ``((z - x_adv) * momentum + x_adv) + (x_adv - x_prev) * (1 - momentum)``, projected and clipped as
+    :func:`linf_project` does; in one memory pass. ``momentum`` in [0, 1]; ``momentum == 1`` is the step
+    itself (``x_prev`` is not read). In fp32/fp64 the result is bit-identical to those ops composed in PyTorch
+    (``robust_ext.attacks.apgd`` did so). Returns a new tensor with ``x_adv``'s layout.
+    """
+    return _impl(x).linf_apgd_update(x_adv, x_prev, grad, x, *_apgd_args(x, alpha, eps, momentum, clip_min, clip_max))
+
+
+def linf_apgd_update_(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min=0.0, clip_max=1.0):
+    """In-place :func:`linf_apgd_update`: updates and returns ``x_adv`` (``x_prev`` may be ``x_adv`` itself)."""
+    _impl(x).linf_apgd_update_(x_adv, x_prev, grad, x, *_apgd_args(x, alpha, eps, momentum, clip_min, clip_max))
     return x_adv
 
 
@@ -220,6 +247,25 @@ def l2_project_(x_adv, x, eps, clip_min=0.0, clip_max=1.0):
     return x_adv
 
 
+def l2_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min=0.0, clip_max=1.0):
+    """APGD's update (Croce & Hein 2020) in the L2 ball, fused: per sample ``z = l2_step(x_adv, grad, x, alpha,
+    eps)`` (rounded to the dtype, as the step returns it), then the momentum point
+    ``v = ((z - x_adv) * momentum + x_adv) + (x_adv - x_prev) * (1 - momentum)`` and its projection
+    ``clip(x + d * min(1, eps / ||d||_2))`` with ``d = v - x``, as :func:`l2_project` does. Three sums of squares
+    per sample in the L2 ops' fixed order (the result does not depend on thread count, layout or device), one
+    write. ``momentum`` in [0, 1]; ``momentum == 1`` is the step itself (``x_prev`` is not read). In
+    fp32/fp64 the result is bit-identical to those ops composed in PyTorch. Returns a new tensor with
+    ``x_adv``'s layout.
+    """
+    return _impl(x).l2_apgd_update(x_adv, x_prev, grad, x, *_apgd_args(x, alpha, eps, momentum, clip_min, clip_max))
+
+
+def l2_apgd_update_(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min=0.0, clip_max=1.0):
+    """In-place :func:`l2_apgd_update`: updates and returns ``x_adv`` (``x_prev`` may be ``x_adv`` itself)."""
+    _impl(x).l2_apgd_update_(x_adv, x_prev, grad, x, *_apgd_args(x, alpha, eps, momentum, clip_min, clip_max))
+    return x_adv
+
+
 def fgm(x, grad, eps, clip_min=0.0, clip_max=1.0):
     """FGM, the L2 fast gradient method (Goodfellow et al. 2015; Miyato et al. 2017):
     ``clip(x + eps * g / ||g||_2)`` per sample, with :func:`l2_step`'s gradient rules."""
@@ -264,6 +310,17 @@ def _register_fakes():
         @torch.library.register_fake(lib + f"{norm}_project_")
         def _(x_adv, x, eps, clip_min, clip_max, eps_t=None):
             reference._check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=False)
+
+        @torch.library.register_fake(lib + f"{norm}_apgd_update")
+        def _(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t=None, eps_t=None):
+            reference._check_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t,
+                                         eps_t, values=False)
+            return torch.empty_like(x_adv)
+
+        @torch.library.register_fake(lib + f"{norm}_apgd_update_")
+        def _(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t=None, eps_t=None):
+            reference._check_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t,
+                                         eps_t, values=False)
 
         @torch.library.register_fake(lib + single)
         def _(x, grad, eps, clip_min, clip_max, eps_t=None):

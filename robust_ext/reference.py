@@ -165,6 +165,14 @@ def _check_project(x_adv, x, eps, clip_min, clip_max, eps_t, values=True):
     _check_bounds(clip_min, clip_max)
 
 
+def _check_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t,
+                       values=True):
+    _check_step(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t, values)
+    _check_like(x_prev, "x_prev", x, "x")
+    if not 0.0 <= momentum <= 1.0:
+        raise RuntimeError(f"momentum must be in [0, 1], got {momentum}")
+
+
 # ---- the L-inf math (csrc/linf/linf_math.h) ---------------------------------------------------------
 
 def compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -224,6 +232,34 @@ def linf_project_(x_adv, x, eps, clip_min, clip_max, eps_t=None):
     _check_project(x_adv, x, eps, clip_min, clip_max, eps_t)
     _check_writable(x_adv, x, budgets=(eps_t,))
     x_adv.copy_(_project_math(x_adv, x, eps, clip_min, clip_max, eps_t))
+
+
+def _apgd_momentum(z, x_adv, x_prev, momentum):
+    """csrc/compute.h apgd_momentum: x_adv + m (z - x_adv) + (1 - m)(x_adv - x_prev) in the reference
+    implementation's order, one rounding per operation (m and the Python float 1 - m rounded to the dtype)."""
+    return ((z - x_adv) * momentum + x_adv) + (x_adv - x_prev) * (1.0 - momentum)
+
+
+def _linf_apgd_math(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t):
+    z = _step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t)  # rounded to x's dtype
+    if momentum == 1.0:  # the step itself (ball_ops.h)
+        return z
+    ct = compute_dtype(x.dtype)
+    v = _apgd_momentum(z.to(ct), x_adv.to(ct), x_prev.to(ct), momentum)
+    return _project(v, x.to(ct), _budget(eps, eps_t, x), clip_min, clip_max).to(x.dtype)
+
+
+def linf_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t=None, eps_t=None):
+    _check_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t)
+    out = torch.empty_like(x_adv)
+    out.copy_(_linf_apgd_math(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t))
+    return out
+
+
+def linf_apgd_update_(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t=None, eps_t=None):
+    _check_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t)
+    _check_writable(x_adv, x_prev, grad, x, budgets=(alpha_t, eps_t))
+    x_adv.copy_(_linf_apgd_math(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t))
 
 
 def _check_fgsm(x, grad, eps, clip_min, clip_max, eps_t, values=True):
@@ -496,6 +532,29 @@ def l2_project_(x_adv, x, eps, clip_min, clip_max, eps_t=None):
     _check_project(x_adv, x, eps, clip_min, clip_max, eps_t)
     _check_writable(x_adv, x, budgets=(eps_t,))
     _l2_op(x_adv, x, lambda: _l2_project_math(x_adv, x, eps, clip_min, clip_max, eps_t))
+
+
+def _l2_apgd_math(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t):
+    z = _l2_step_math(x_adv, grad, x, alpha, eps, clip_min, clip_max, alpha_t, eps_t)
+    if momentum == 1.0:  # the step itself (ball_ops.h)
+        return z
+    ct = compute_dtype(x.dtype)
+    xa, xp, xx = _rows(x_adv, ct), _rows(x_prev, ct), _rows(x, ct)
+    d = _apgd_momentum(z.to(x.dtype).to(ct), xa, xp, momentum) - xx  # z as the step op writes it
+    return _l2_out(xx, d, _factor(_row_budget(eps, eps_t, xx), sum_squares(d)[:, None]), clip_min, clip_max)
+
+
+def l2_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t=None, eps_t=None):
+    _check_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t)
+    return _l2_op(torch.empty_like(x_adv), x, lambda: _l2_apgd_math(x_adv, x_prev, grad, x, alpha, eps, momentum,
+                                                                     clip_min, clip_max, alpha_t, eps_t))
+
+
+def l2_apgd_update_(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t=None, eps_t=None):
+    _check_apgd_update(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t)
+    _check_writable(x_adv, x_prev, grad, x, budgets=(alpha_t, eps_t))
+    _l2_op(x_adv, x, lambda: _l2_apgd_math(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max, alpha_t,
+                                           eps_t))
 
 
 def fgm(x, grad, eps, clip_min, clip_max, eps_t=None):

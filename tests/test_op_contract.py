@@ -16,6 +16,8 @@ FINITE = "must be finite and at most 3.40282e\\+38"
 STEPS = [
     ("linf_step", lambda a, e: ops.linf_step(X.clone(), G, X, a, e)),
     ("l2_step", lambda a, e: ops.l2_step(X.clone(), G, X, a, e)),
+    ("linf_apgd_update", lambda a, e: ops.linf_apgd_update(X.clone(), X, G, X, a, e, 0.75)),
+    ("l2_apgd_update_", lambda a, e: ops.l2_apgd_update_(X.clone(), X, G, X, a, e, 0.75)),
 ]
 
 
@@ -44,6 +46,10 @@ def test_non_finite_per_sample_budgets_are_refused(bad):
         ops.linf_step(X.clone(), G, X, 0.01, eps)
     with pytest.raises(RuntimeError, match="alpha must not be NaN for any sample, and finite"):
         ops.l2_step(X.clone(), G, X, eps, 0.1)
+    with pytest.raises(RuntimeError, match="eps must be >= 0 and not NaN for every sample, and finite"):
+        ops.l2_apgd_update(X.clone(), X, G, X, 0.01, eps, 0.75)
+    with pytest.raises(RuntimeError, match="alpha must not be NaN for any sample, and finite"):
+        ops.linf_apgd_update_(X.clone(), X, G, X, eps, 0.1, 0.75)
 
 
 def test_the_largest_finite_budget_writes_no_nan():
@@ -59,6 +65,8 @@ def test_x_adv_whose_elements_alias_each_other_is_refused():
             ops.linf_project_(x_adv, x, 0.1)
         with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
             ops.l2_step_(x_adv, x, x, 0.1, 0.1)
+        with pytest.raises(RuntimeError, match="more than one element of the written-to tensor"):
+            ops.linf_apgd_update_(x_adv, x, x, x, 0.1, 0.1, 0.75)
     strided = torch.rand(4, 8)[:, ::2]  # not dense, but no two elements alias: accepted
     assert ops.linf_project_(strided, x, 0.1) is strided
 
@@ -70,4 +78,6 @@ def test_a_per_sample_budget_that_views_x_adv_is_refused():
             ops.linf_project_(x_adv, x, eps)
         with pytest.raises(RuntimeError, match="some elements of the input tensor and the written-to tensor"):
             ops.l2_step_(x_adv, x, x, eps, 0.5)
+        with pytest.raises(RuntimeError, match="some elements of the input tensor and the written-to tensor"):
+            ops.l2_apgd_update_(x_adv, x, x, x, 0.1, eps, 0.75)
     ops.linf_project_(x_adv, x, x_adv[:, 0].clone())  # a copy is fine

@@ -48,10 +48,10 @@ inline int grid_for(int64_t work, c10::DeviceIndex device) {
 
 // out[i] = f({in_0[i], ..., in_{K-1}[i]}, sample(i)) for i in [0, n), N elements per thread step.
 template <typename S, int N, int K, typename F>
-__global__ void elementwise_kernel(S* out, const S* in0, const S* in1, const S* in2, int64_t n, int64_t inner,
-                                   F f) {
+__global__ void elementwise_kernel(S* out, const S* in0, const S* in1, const S* in2, const S* in3, int64_t n,
+                                   int64_t inner, F f) {
   using T = compute_t<S>;
-  const S* in[3] = {in0, in1, in2};
+  const S* in[4] = {in0, in1, in2, in3};
   const int64_t packs = n / N;
   const int64_t stride = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t p = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; p < packs; p += stride) {
@@ -91,7 +91,8 @@ template <typename S, int K, typename F>
 void launch(const at::Tensor& out, std::array<const at::Tensor*, K> in, const Dense& d, F f) {
   c10::cuda::CUDAGuard guard(out.device());
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  const S* p[3] = {nullptr, nullptr, nullptr};
+  static_assert(K >= 1 && K <= 4, "launch takes 1 to 4 inputs");
+  const S* p[4] = {nullptr, nullptr, nullptr, nullptr};
   bool vec = aligned16(out.data_ptr());
   for (int k = 0; k < K; ++k) {
     p[k] = in[k]->template data_ptr<S>();
@@ -100,10 +101,10 @@ void launch(const at::Tensor& out, std::array<const at::Tensor*, K> in, const De
   constexpr int kVec = 16 / sizeof(S);
   if (vec) {
     elementwise_kernel<S, kVec, K><<<grid_for(d.numel / kVec + 1, out.get_device()), kThreads, 0, stream>>>(
-        out.data_ptr<S>(), p[0], p[1], p[2], d.numel, d.inner, f);
+        out.data_ptr<S>(), p[0], p[1], p[2], p[3], d.numel, d.inner, f);
   } else {
     elementwise_kernel<S, 1, K><<<grid_for(d.numel, out.get_device()), kThreads, 0, stream>>>(
-        out.data_ptr<S>(), p[0], p[1], p[2], d.numel, d.inner, f);
+        out.data_ptr<S>(), p[0], p[1], p[2], p[3], d.numel, d.inner, f);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }

@@ -4,6 +4,7 @@
 //   step:     d = (x_adv - x) + c * dir(g),  c = alpha / ||dir(g)||,  out = clip(x + d * f)
 //   project:  d = x_adv - x,                                          out = clip(x + d * f)
 //   fgm:      d = c * dir(g), c = eps / ||dir(g)||,                   out = clip(x + d)
+//   apgd:     z = step's out (rounded to storage), d = v - x for APGD's momentum point v of z, out = clip(x + d * f)
 //   f = min(1, eps / ||d||) (eps = 0 gives f = 0: out is x);  c = 0 when ||dir(g)|| = 0
 // dir(g) is g with NaN read as 0, times a power of two chosen per sample so that the sum of squares
 // neither underflows nor overflows (so tiny and huge gradients step like any other); a sample with an
@@ -128,6 +129,14 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T l2_factor(T eps, T sumsq) {
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T l2_out(T x, T d, T f, T lo, T hi) {
   return clamp(x + d * f, lo, hi);
+}
+
+// APGD's update, per sample: the step (above: d, f, out), its result z rounded to the storage type as the
+// step op writes it, then d2 = v - x for the momentum point v (compute.h), projected and clipped as the
+// projection does: out = clip(x + d2 * min(1, eps / ||d2||)). Its sums of squares have the order above.
+template <typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T l2_apgd_delta(T z, T x_adv, T x_prev, T x, T m, T m1) {
+  return apgd_momentum(z, x_adv, x_prev, m, m1) - x;
 }
 
 // ---- random init: uniforms, Box-Muller, radius ----------------------------------------------------

@@ -1,6 +1,6 @@
 // The L2 ops' schema side (csrc/ball_ops.h has the bodies they share with L-inf): kernels get contiguous
 // tensors, since every sample's norms sum its elements in logical order (other layouts cost a copy each
-// way, and give the same bits). A backend's `K` supplies step, project, single_step (FGM) and
+// way, and give the same bits). A backend's `K` supplies step, project, apgd_update, single_step (FGM) and
 // random_init over `Rows`, the math and summation order from l2/l2_math.h.
 #pragma once
 
@@ -35,7 +35,8 @@ struct L2Layout {
 
 template <class K>
 void register_l2_ops(torch::Library& m) {
-  register_ball_ops<K, L2Layout>(m, {"l2_step", "l2_step_", "l2_project", "l2_project_", "fgm", "l2_random_init"});
+  register_ball_ops<K, L2Layout>(m, {"l2_step", "l2_step_", "l2_project", "l2_project_", "l2_apgd_update",
+                                     "l2_apgd_update_", "fgm", "l2_random_init"});
 }
 
 }  // namespace robust_ext

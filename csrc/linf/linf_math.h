@@ -33,6 +33,15 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T linf_step(T x_adv, T grad, T x, T alpha, T e
   return linf_project(x_adv + alpha * sign_or_zero(grad), x, eps, lo, hi);
 }
 
+// APGD's update: z = the step, rounded to the storage type S as the step op writes it, then the momentum
+// point (compute.h), projected and clipped. momentum == 1 is the step itself (the op bodies call the step).
+template <typename S, typename T>
+C10_HOST_DEVICE C10_ALWAYS_INLINE T linf_apgd_update(T x_adv, T x_prev, T grad, T x, T alpha, T eps, T m, T m1, T lo,
+                                                     T hi) {
+  const T z = static_cast<T>(static_cast<S>(linf_step(x_adv, grad, x, alpha, eps, lo, hi)));
+  return linf_project(apgd_momentum(z, x_adv, x_prev, m, m1), x, eps, lo, hi);
+}
+
 // FGSM: clip(x + eps * sign(grad)).
 template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T fgsm(T x, T grad, T eps, T lo, T hi) {

@@ -1,7 +1,7 @@
 // The L-inf ops' schema side (csrc/ball_ops.h has the bodies they share with L2): kernels walk any
 // dense layout with samples outermost (elementwise math needs no order), budgets per sample or one run.
-// A backend's `K` supplies step, project, single_step (FGSM) and random_init over `Dense` memory, the
-// math from linf/linf_math.h.
+// A backend's `K` supplies step, project, apgd_update, single_step (FGSM) and random_init over `Dense`
+// memory, the math from linf/linf_math.h.
 #pragma once
 
 #include <initializer_list>
@@ -27,7 +27,8 @@ struct LinfLayout {
 template <class K>
 void register_linf_ops(torch::Library& m) {
   register_ball_ops<K, LinfLayout>(
-      m, {"linf_step", "linf_step_", "linf_project", "linf_project_", "fgsm", "linf_random_init"});
+      m, {"linf_step", "linf_step_", "linf_project", "linf_project_", "linf_apgd_update", "linf_apgd_update_", "fgsm",
+          "linf_random_init"});
 }
 
 }  // namespace robust_ext

@@ -138,6 +138,46 @@ void sample_delta_write(S* out, const S* xa, const S* g, const S* x, int64_t n, 
   }
 }
 
+// APGD's update after the step's two passes: d2 = v - x for the momentum point v of z, the step's result
+// rounded to the storage type (l2_math.h l2_apgd_delta). With `kept` (kKept) the step's d is read from there
+// and d2 stored over it; otherwise d is computed again. x_prev may be x_adv itself or, in place, out: every
+// element is read before it is written.
+template <typename S>
+C10_ALWAYS_INLINE compute_t<S> momentum_delta(compute_t<S> a, compute_t<S> p, compute_t<S> d, compute_t<S> b,
+                                              compute_t<S> f1, compute_t<S> m, compute_t<S> m1, compute_t<S> lo,
+                                              compute_t<S> hi) {
+  const compute_t<S> z = widen(narrow_round<S>(math::l2_out(b, d, f1, lo, hi)));
+  return math::l2_apgd_delta(z, a, p, b, m, m1);
+}
+
+template <typename S, bool kScaled, bool kKept>
+RX_CLONES void momentum_sums(const S* __restrict xa, const S* __restrict xp, const S* __restrict g,
+                             const S* __restrict x, int64_t n, int64_t c0, int64_t c1, compute_t<S> c, compute_t<S> s,
+                             compute_t<S> f1, compute_t<S> m, compute_t<S> m1, compute_t<S> lo, compute_t<S> hi,
+                             compute_t<S>* __restrict part, compute_t<S>* __restrict kept) {
+  using T = compute_t<S>;
+  chunk_sums<T>(n, c0, c1, part, [&](int64_t i) RX_INLINE_LAMBDA {
+    const T a = widen(xa[i]), b = widen(x[i]);
+    const T d = kKept ? kept[i] : delta_of<T, true, kScaled>(a, widen(g[i]), b, c, s);
+    const T d2 = momentum_delta<S>(a, widen(xp[i]), d, b, f1, m, m1, lo, hi);
+    if (kKept) kept[i] = d2;
+    return d2;
+  });
+}
+
+template <typename S, bool kScaled>
+RX_CLONES void momentum_write(S* __restrict out, const S* xa, const S* xp, const S* __restrict g, const S* __restrict x,
+                              int64_t n, compute_t<S> c, compute_t<S> s, compute_t<S> f1, compute_t<S> m,
+                              compute_t<S> m1, compute_t<S> f2, compute_t<S> lo, compute_t<S> hi) {
+  using T = compute_t<S>;
+  cpu::update_row(out, xa, n, [&](S v, int64_t i) RX_INLINE_LAMBDA {
+    const T a = widen(v), b = widen(x[i]);
+    const T d = delta_of<T, true, kScaled>(a, widen(g[i]), b, c, s);
+    return narrow_round<S>(math::l2_out(b, momentum_delta<S>(a, widen(xp[i]), d, b, f1, m, m1, lo, hi), f2,
+                                        lo, hi));
+  });
+}
+
 // The normal deviates of logical elements [begin, end) into z, from aligned Philox runs.
 template <typename T>
 RX_CLONES void gaussians(int64_t begin, int64_t end, uint32_t k0, uint32_t k1, T* __restrict z) {
@@ -277,6 +317,62 @@ struct DeltaJob : RowState<S> {
   }
 };
 
+// APGD's update: the step's passes (gradient sums, d's sums: its factor f1), then the sums of the momentum
+// point's d2 (its factor), the write. momentum == 1 never comes here (ball_ops.h runs the step).
+template <typename S>
+struct ApgdJob : RowState<S> {
+  using T = compute_t<S>;
+  static constexpr int kPasses = 3;
+  S* out;
+  const S *xa, *xp, *g, *x;
+  int64_t n;
+  cpu::BudgetReader<T> alpha, eps;
+  T m, m1, lo, hi;
+  std::vector<T> step_factor;
+  ApgdJob(const Rows& r, S* out, const S* xa, const S* xp, const S* g, const S* x, const Budget& alpha,
+          const Budget& eps, double momentum, double lo, double hi)
+      : RowState<S>(r.count), out(out), xa(xa), xp(xp), g(g), x(x), n(r.numel), alpha(alpha), eps(eps),
+        m(static_cast<T>(momentum)), m1(static_cast<T>(1.0 - momentum)), lo(lo), hi(hi), step_factor(r.count, T(1)) {}
+
+  void sums(int p, int64_t s, int64_t c0, int64_t c1, T* part, T* kept) const {
+    const int64_t o = s * n;
+    if (p == 0) {
+      grad_sums<S, true>(g + o, n, c0, c1, T(1), part);
+    } else if (p == 1) {
+      sample_delta_sums<S, true>(xa + o, g + o, x + o, n, c0, c1, this->coef[s], this->scale[s], part, kept);
+    } else {
+      const T c = this->coef[s], sc = this->scale[s], f1 = step_factor[s];
+      if (kept) {  // d is in kept (pass 1 stored it), so the scale plays no part
+        momentum_sums<S, false, true>(xa + o, xp + o, g + o, x + o, n, c0, c1, c, sc, f1, m, m1, lo, hi, part, kept);
+      } else if (sc != T(1)) {
+        momentum_sums<S, true, false>(xa + o, xp + o, g + o, x + o, n, c0, c1, c, sc, f1, m, m1, lo, hi, part, nullptr);
+      } else {
+        momentum_sums<S, false, false>(xa + o, xp + o, g + o, x + o, n, c0, c1, c, sc, f1, m, m1, lo, hi, part, nullptr);
+      }
+    }
+  }
+  void finish(int p, int64_t s, T* part) {
+    if (p == 0) {
+      this->coef[s] = grad_coef<S>(g + s * n, n, part, alpha[s], this->scale[s]);
+      return;
+    }
+    (p == 1 ? step_factor : this->factor)[s] = math::l2_factor(eps[s], math::chunk_tree(part, math::sum_chunks(n)));
+  }
+  void write(int64_t s, int64_t b, int64_t e, const T* kept) const {
+    const int64_t o = s * n + b;
+    if (kept) {
+      scaled_write<S>(out + o, x + o, kept + b, e - b, this->factor[s], lo, hi);
+      return;
+    }
+    const T c = this->coef[s], sc = this->scale[s], f1 = step_factor[s], f2 = this->factor[s];
+    if (sc != T(1)) {
+      momentum_write<S, true>(out + o, xa + o, xp + o, g + o, x + o, e - b, c, sc, f1, m, m1, f2, lo, hi);
+    } else {
+      momentum_write<S, false>(out + o, xa + o, xp + o, g + o, x + o, e - b, c, sc, f1, m, m1, f2, lo, hi);
+    }
+  }
+};
+
 // FGM: gradient sums, then x + eps * dir(g) / ||dir(g)|| as a step from x_adv = x with no projection.
 template <typename S>
 struct FgmJob : RowState<S> {
@@ -364,6 +460,16 @@ struct CpuKernels {
       using W = typename Word<scalar_t>::type;
       DeltaJob<W, false> job(r, ptr<scalar_t>(out), ptr<scalar_t>(xa), nullptr, ptr<scalar_t>(x), Budget{}, eps, lo,
                              hi);
+      run_rows(job, r);
+    });
+  }
+
+  static void apgd_update(const at::Tensor& out, const at::Tensor& xa, const at::Tensor& xp, const at::Tensor& g,
+                          const at::Tensor& x, const Budget& alpha, const Budget& eps, double momentum, double lo,
+                          double hi, const Rows& r) {
+    RX_DISPATCH_FLOATS(out.scalar_type(), "l2_apgd_update", [&] {
+      ApgdJob<typename Word<scalar_t>::type> job(r, ptr<scalar_t>(out), ptr<scalar_t>(xa), ptr<scalar_t>(xp),
+                                                 ptr<scalar_t>(g), ptr<scalar_t>(x), alpha, eps, momentum, lo, hi);
       run_rows(job, r);
     });
   }

@@ -85,12 +85,13 @@ __device__ T block_max(int64_t n, F value) {
   return r;
 }
 
-enum Mode { kStep, kProject, kFgm, kInit };
-enum Pass { kGrad, kDelta, kGauss };
+enum Mode { kStep, kProject, kFgm, kInit, kApgd };
+enum Pass { kGrad, kDelta, kGauss, kMomentum };
 
-__host__ __device__ constexpr int passes(int mode) { return mode == kStep ? 2 : 1; }
+__host__ __device__ constexpr int passes(int mode) { return mode == kApgd ? 3 : (mode == kStep ? 2 : 1); }
 __host__ __device__ constexpr int pass_of(int mode, int p) {
-  return mode == kStep ? (p == 0 ? kGrad : kDelta) : (mode == kProject ? kDelta : (mode == kFgm ? kGrad : kGauss));
+  return (mode == kStep || mode == kApgd) ? (p == 0 ? kGrad : (p == 1 ? kDelta : kMomentum))
+                                          : (mode == kProject ? kDelta : (mode == kFgm ? kGrad : kGauss));
 }
 
 // One op over its samples: the terms each pass sums, the per-sample finish, the output.
@@ -99,10 +100,12 @@ struct Job {
   using T = compute_t<S>;
   S* out;
   const S *xa, *g, *x;  // fgm: xa = x; project: g = nullptr
+  const S* xp;          // apgd: x_prev (may be xa, or in place out: read before written)
   int64_t n;
   DeviceBudget<T> alpha, eps;
+  T m, m1;  // apgd: momentum, 1 - momentum
   T lo, hi;
-  T *scale, *coef, *factor;  // per sample
+  T *scale, *coef, *factor, *step_factor;  // per sample; apgd: the step's factor, then the momentum point's
   const int64_t* seed_ptr;   // the Philox key on the device, or seed_value
   uint64_t seed_value;
 
@@ -115,11 +118,18 @@ struct Job {
     const T a = static_cast<T>(xa[o]), b = static_cast<T>(x[o]);
     return kMode == kProject ? a - b : math::l2_delta(a, static_cast<T>(g[o]), b, coef[s], scale[s]);
   }
+  // apgd: d2 = v - x for the momentum point v of z, the step's result rounded to the storage type.
+  __device__ T momentum_delta(int64_t s, int64_t o) const {
+    const T a = static_cast<T>(xa[o]), b = static_cast<T>(x[o]);
+    const T z = static_cast<T>(static_cast<S>(math::l2_out(b, delta(s, o), step_factor[s], lo, hi)));
+    return math::l2_apgd_delta(z, a, static_cast<T>(xp[o]), b, m, m1);
+  }
 
   __device__ T term(int pass, int64_t s, int64_t i) const {
     const int64_t o = s * n + i;
     if (pass == kGrad) return math::nan_to_zero(static_cast<T>(g[o]));
     if (pass == kDelta) return delta(s, o);
+    if (pass == kMomentum) return momentum_delta(s, o);
     return gaussian(o);
   }
 
@@ -141,6 +151,8 @@ struct Job {
       }
     } else if (threadIdx.x == 0) {
       if (pass == kDelta) {
+        (kMode == kApgd ? step_factor : factor)[s] = math::l2_factor(eps[s], sum);
+      } else if (pass == kMomentum) {
         factor[s] = math::l2_factor(eps[s], sum);
       } else {
         const uint64_t k = key();
@@ -156,6 +168,7 @@ struct Job {
     const T b = static_cast<T>(x[o]);
     if (kMode == kInit) return static_cast<S>(math::l2_out(b, gaussian(o), coef[s], lo, hi));
     if (kMode == kFgm) return static_cast<S>(math::l2_out(b, delta(s, o), T(1), lo, hi));
+    if (kMode == kApgd) return static_cast<S>(math::l2_out(b, momentum_delta(s, o), factor[s], lo, hi));
     return static_cast<S>(math::l2_out(b, delta(s, o), factor[s], lo, hi));
   }
 };
@@ -214,10 +227,11 @@ void run(Job<S, kMode> job, const Rows& r, const at::Tensor& out) {
   int sms = 0;
   C10_CUDA_CHECK(cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, out.get_device()));
   const auto opts = out.options().dtype(c10::CppTypeToScalarType<T>::value);
-  const at::Tensor state = at::empty({3, r.count}, opts);
+  const at::Tensor state = at::empty({4, r.count}, opts);
   job.scale = state.data_ptr<T>();
   job.coef = job.scale + r.count;
   job.factor = job.coef + r.count;
+  job.step_factor = job.factor + r.count;
   const int64_t count = math::sum_chunks(r.numel);
   if (r.count < 2 * sms && count >= kSplitChunks) {
     const at::Tensor scratch = at::empty({r.count * count}, opts);
@@ -270,6 +284,19 @@ struct CudaKernels {
                       double lo, double hi, const Rows& r) {
     RX_DISPATCH_FLOATS(out.scalar_type(), "l2_project", [&] {
       run(make_job<scalar_t, kProject>(out, &xa, nullptr, x, Budget{}, eps, lo, hi, r), r, out);
+    });
+  }
+
+  static void apgd_update(const at::Tensor& out, const at::Tensor& xa, const at::Tensor& xp, const at::Tensor& g,
+                          const at::Tensor& x, const Budget& alpha, const Budget& eps, double momentum, double lo,
+                          double hi, const Rows& r) {
+    RX_DISPATCH_FLOATS(out.scalar_type(), "l2_apgd_update", [&] {
+      using T = compute_t<scalar_t>;
+      auto job = make_job<scalar_t, kApgd>(out, &xa, &g, x, alpha, eps, lo, hi, r);
+      job.xp = xp.data_ptr<scalar_t>();
+      job.m = static_cast<T>(momentum);
+      job.m1 = static_cast<T>(1.0 - momentum);
+      run(job, r, out);
     });
   }
 

@@ -38,6 +38,19 @@ RX_CLONES void project_row(S* __restrict out, const S* xa, const S* __restrict x
   });
 }
 
+// x_prev may be x_adv itself (APGD's first momentum step) or, in place, out: not __restrict, and every
+// element is read before it is written.
+template <typename S>
+RX_CLONES void apgd_row(S* __restrict out, const S* xa, const S* xp, const S* __restrict g, const S* __restrict x,
+                        int64_t n, compute_t<S> alpha, compute_t<S> eps, compute_t<S> m, compute_t<S> m1,
+                        compute_t<S> lo, compute_t<S> hi) {
+  using T = compute_t<S>;
+  cpu::update_row(out, xa, n, [&](S v, int64_t i) RX_INLINE_LAMBDA {
+    return static_cast<S>(math::linf_apgd_update<S, T>(static_cast<T>(v), static_cast<T>(xp[i]), static_cast<T>(g[i]),
+                                                       static_cast<T>(x[i]), alpha, eps, m, m1, lo, hi));
+  });
+}
+
 template <typename S>
 RX_CLONES void fgsm_row(S* __restrict out, const S* __restrict x, const S* __restrict g, int64_t n,
                         compute_t<S> eps, compute_t<S> lo, compute_t<S> hi) {
@@ -82,6 +95,22 @@ struct CpuKernels {
       const scalar_t *pxa = xa.data_ptr<scalar_t>(), *px = x.data_ptr<scalar_t>();
       cpu::parallel_rows(d, [&](int64_t b, int64_t end, int64_t s) {
         project_row<scalar_t>(po + b, pxa + b, px + b, end - b, e[s], T(lo), T(hi));
+      });
+    });
+  }
+
+  static void apgd_update(const at::Tensor& out, const at::Tensor& xa, const at::Tensor& xp, const at::Tensor& g,
+                          const at::Tensor& x, const Budget& alpha, const Budget& eps, double momentum, double lo,
+                          double hi, const Dense& d) {
+    RX_DISPATCH_FLOATS(out.scalar_type(), "linf_apgd_update", [&] {
+      using T = compute_t<scalar_t>;
+      const cpu::BudgetReader<T> a(alpha), e(eps);
+      const T m = static_cast<T>(momentum), m1 = static_cast<T>(1.0 - momentum);
+      scalar_t* po = out.data_ptr<scalar_t>();
+      const scalar_t *pxa = xa.data_ptr<scalar_t>(), *pxp = xp.data_ptr<scalar_t>(), *pg = g.data_ptr<scalar_t>(),
+                     *px = x.data_ptr<scalar_t>();
+      cpu::parallel_rows(d, [&](int64_t b, int64_t end, int64_t s) {
+        apgd_row<scalar_t>(po + b, pxa + b, pxp + b, pg + b, px + b, end - b, a[s], e[s], m, m1, T(lo), T(hi));
       });
     });
   }

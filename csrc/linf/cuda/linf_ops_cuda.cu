@@ -72,6 +72,19 @@ struct CudaKernels {
     });
   }
 
+  static void apgd_update(const at::Tensor& out, const at::Tensor& xa, const at::Tensor& xp, const at::Tensor& g,
+                          const at::Tensor& x, const Budget& alpha, const Budget& eps, double momentum, double lo,
+                          double hi, const Dense& d) {
+    RX_DISPATCH_FLOATS(out.scalar_type(), "linf_apgd_update", [&] {
+      using T = compute_t<scalar_t>;
+      const auto a = device_budget<T>(alpha), e = device_budget<T>(eps);
+      const T m = static_cast<T>(momentum), m1 = static_cast<T>(1.0 - momentum), l = lo, h = hi;
+      launch<scalar_t, 4>(out, {&xa, &xp, &g, &x}, d, [=] __device__(const T (&v)[4], int64_t s) {
+        return math::linf_apgd_update<scalar_t, T>(v[0], v[1], v[2], v[3], a[s], e[s], m, m1, l, h);
+      });
+    });
+  }
+
   static void single_step(const at::Tensor& out, const at::Tensor& x, const at::Tensor& g, const Budget& eps,
                           double lo, double hi, const Dense& d) {
     RX_DISPATCH_FLOATS(out.scalar_type(), "fgsm", [&] {
