@@ -1,13 +1,14 @@
 """The fused APGD update ops (linf_apgd_update, l2_apgd_update): bit-identical in fp32/fp64 to the step and
 projection ops composed as APGD composed them, against reference.py and an independent float64 evaluation
 of the formula (the bounds of docs/ops.md), momentum 1 as the step, thread count, layouts, per-sample
-budgets, empty inputs, errors, opcheck and torch.compile."""
+budgets, empty inputs, errors, opcheck, torch.compile, and the threat-model seam APGD calls them through."""
 import math
 
 import pytest
 import torch
 
 from robust_ext import ops, reference
+from robust_ext.attacks import LINF, L2, ThreatModel, apgd
 from _cases import DTYPES, LAYOUTS, images, layout
 from conftest import DEVICES
 
@@ -341,3 +342,55 @@ def test_torch_compile_fullgraph():
     compiled = torch.compile(updates, fullgraph=True)
     for got, want in zip(compiled(x_adv, x_prev, grad, x, eta, eps), updates(x_adv, x_prev, grad, x, eta, eps)):
         same(got, want)
+
+
+# ---- the threat-model seam -------------------------------------------------------------------------------
+
+class Composed(ThreatModel):
+    """A threat model with only step_ and project_ (as a user's own): APGD's update is the base class's."""
+
+    def __init__(self, base):
+        self.base, self.name = base, "composed_" + base.name
+
+    def init(self, x, eps, clip_min, clip_max, generator=None):
+        return self.base.init(x, eps, clip_min, clip_max, generator)
+
+    def step_(self, x_adv, grad, x, alpha, eps, clip_min, clip_max):
+        return self.base.step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
+
+    def project_(self, x_adv, x, eps, clip_min, clip_max):
+        return self.base.project_(x_adv, x, eps, clip_min, clip_max)
+
+    def distance(self, x_adv, x):
+        return self.base.distance(x_adv, x)
+
+
+@pytest.mark.parametrize("threat", [LINF, L2], ids=["linf", "l2"])
+def test_threat_models_fused_update_equals_the_default(threat):
+    x_adv, x_prev, grad, x = inputs(seed=11, spread=0.2)
+    eta = torch.tensor([0.1, 0.2, 0.05, 0.4])
+    for m in (1.0, 0.75):
+        fused = threat.apgd_update(x_adv, x_prev, grad, x, eta, 0.3, m, 0.0, 1.0)
+        same(fused, Composed(threat).apgd_update(x_adv, x_prev, grad, x, eta, 0.3, m, 0.0, 1.0))
+        same(fused, op(threat.name)(x_adv, x_prev, grad, x, eta, 0.3, m))
+    assert not torch.equal(x_adv, fused)
+
+
+@pytest.mark.parametrize("norm,eps", [("linf", 0.1), ("l2", 0.5)])
+def test_apgd_runs_the_fused_op_with_the_composed_result(norm, eps, monkeypatch, one_thread):
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(64, 32), torch.nn.ReLU(),
+                                torch.nn.Linear(32, 10)).eval()
+    x = torch.rand(24, 1, 8, 8)
+    with torch.no_grad():
+        y = model(x).argmax(1)  # every point classified correctly: every one is attacked
+    kw = dict(eps=eps, steps=12, early_stop=False)
+    mine = apgd(model, x, y, norm=Composed(LINF if norm == "linf" else L2), generator=torch.Generator().manual_seed(1),
+                **kw)
+    calls = []
+    fused_op = op(norm)
+    monkeypatch.setattr(ops, f"{norm}_apgd_update", lambda *a, **k: calls.append(a[6]) or fused_op(*a, **k))
+    fused = apgd(model, x, y, norm=norm, generator=torch.Generator().manual_seed(1), **kw)
+    assert calls and set(calls) == {1.0, 0.75}
+    same(fused, mine)
+    assert not torch.equal(fused, x)

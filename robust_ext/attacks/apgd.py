@@ -153,12 +153,7 @@ def _leave(s, hit, out, done):
 
 
 def _step(threat, s, momentum, lo, hi):
-    z = threat.step_(s.x_adv.clone(), s.grad, s.x, s.eta, s.eps, lo, hi)
-    if momentum != 1.0:
-        # The reference's order of operations, no fused multiply-add: x + (z - x) a + (x - x_prev)(1 - a).
-        z.sub_(s.x_adv).mul_(momentum).add_(s.x_adv).add_((s.x_adv - s.x_prev).mul_(1.0 - momentum))
-        threat.project_(z, s.x, s.eps, lo, hi)
-    s.x_prev, s.x_adv = s.x_adv, z
+    s.x_prev, s.x_adv = s.x_adv, threat.apgd_update(s.x_adv, s.x_prev, s.grad, s.x, s.eta, s.eps, momentum, lo, hi)
 
 
 def _run(obj, threat, x, y, t, eps, rows, *, steps, rho, lo, hi, early_stop, generator, out, done, best):

@@ -64,6 +64,19 @@ class ThreatModel:
         """The one-step attack from ``x`` (FGSM for L-inf, FGM for L2): a new tensor."""
         raise NotImplementedError
 
+    def apgd_update(self, x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max) -> torch.Tensor:
+        """APGD's next iterate (Croce & Hein 2020), a new tensor: ``z`` = one :meth:`step_` from ``x_adv``, then
+        the momentum point ``x_adv + momentum (z - x_adv) + (1 - momentum)(x_adv - x_prev)`` put back with
+        :meth:`project_` (``momentum == 1``: ``z`` itself). ``x_adv`` and ``x_prev`` are left as they are.
+        Optional: this default composes :meth:`step_` and :meth:`project_`; :data:`LINF` and :data:`L2` run one
+        fused op with the same result in fp32/fp64."""
+        z = self.step_(x_adv.clone(), grad, x, alpha, eps, clip_min, clip_max)
+        if momentum != 1.0:
+            # The reference's order of operations, no fused multiply-add: x + (z - x) a + (x - x_prev)(1 - a).
+            z.sub_(x_adv).mul_(momentum).add_(x_adv).add_((x_adv - x_prev).mul_(1.0 - momentum))
+            self.project_(z, x, eps, clip_min, clip_max)
+        return z
+
     def distance(self, x_adv, x) -> torch.Tensor:
         """Per-sample distance ``||x_adv - x||`` as float64 ``[N]``."""
         raise NotImplementedError
@@ -86,8 +99,8 @@ class ThreatModel:
 
 class _FusedBall(ThreatModel):
     """An Lp ball on robust_ext's fused ops: ``prefix`` names them (``<prefix>_random_init``, ``_step_``,
-    ``_project_``), ``one_step`` the one-step attack. The ops are looked up when called, so a test or a user
-    wrapping ``robust_ext.ops.<op>`` sees every call."""
+    ``_project_``, ``_apgd_update``), ``one_step`` the one-step attack. The ops are looked up when called, so a
+    test or a user wrapping ``robust_ext.ops.<op>`` sees every call."""
 
     def __init__(self, name: str, p: float, prefix: str, one_step: str):
         self.name, self.p, self._prefix, self._one_step = name, p, prefix, one_step
@@ -106,6 +119,9 @@ class _FusedBall(ThreatModel):
 
     def single_step(self, x, grad, eps, clip_min, clip_max):
         return getattr(ops, self._one_step)(x, grad, eps, clip_min, clip_max)
+
+    def apgd_update(self, x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max):
+        return self._op("_apgd_update")(x_adv, x_prev, grad, x, alpha, eps, momentum, clip_min, clip_max)
 
     def distance(self, x_adv, x):
         return lp_distance(x_adv, x, self.p)
