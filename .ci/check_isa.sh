@@ -9,7 +9,7 @@
 set -euo pipefail
 cd "$(dirname "${BASH_SOURCE[0]}")/.."
 
-tests=(tests/test_ops.py tests/test_l2_ops.py tests/test_ops_properties.py tests/test_random_init.py
+tests=(tests/test_ops.py tests/test_l2_ops.py tests/test_apgd_update_op.py tests/test_ops_properties.py tests/test_random_init.py
        tests/test_op_errors.py tests/test_pooling.py tests/test_batchnorm.py)
 work=$(mktemp -d "${TMPDIR:-/tmp}/check_isa.XXXXXX")
 trap 'rm -rf "$work"' EXIT

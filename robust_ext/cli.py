@@ -533,8 +533,8 @@ def build_parser() -> argparse.ArgumentParser:
                            "from --out")
             a.add_argument("--version", default="standard", choices=tuple(VERSIONS),
                            help="AutoAttack's version with --attacks autoattack: standard, plus, rand (the "
-                                "original's) or fast (APGD-CE + APGD-T on 3 MALT-ranked targets; FAB-T and Square "
-                                "only where the checks call for them) (default: standard)")
+                                "original's) or fast (APGD-CE, APGD-T on 3 MALT-ranked targets, FAB-T on 3 targets; "
+                                "Square only where the checks call for it) (default: standard)")
             a.add_argument("--eps", type=_floats, default=[0.05, 0.1, 0.2, 0.3],
                            help="comma-separated budgets, e.g. 2/255,4/255,8/255 (default: 0.05,0.1,0.2,0.3)")
             a.add_argument("--no-min-eps", action="store_true", help="skip the per-sample minimal eps bisection")

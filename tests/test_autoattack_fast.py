@@ -13,7 +13,7 @@ import _autoattack_worker as worker
 from robust_ext.attacks import apgd_t
 from robust_ext.attacks.apgd import rank_targets
 from robust_ext.attacks.threats import L2, LINF, ThreatModel
-from robust_ext.evaluation import EvaluationWarning, autoattack, make_attack
+from robust_ext.evaluation import AttackSpec, EvaluationWarning, autoattack, make_attack
 from robust_ext.evaluation import autoattack_versions as versions
 
 
@@ -95,8 +95,8 @@ def test_fast_version_list():
     ce, t, fab, square = specs
     assert ce.params["steps"] == 100 and ce.params["loss"] == "ce" and ce.gate is None
     assert (t.params["steps"], t.params["n_target_classes"], t.params["target_order"]) == (100, 3, "malt")
-    assert t.gate is None and fab.gate == "flagged" and square.gate == "flagged"
-    assert fab.params["n_target_classes"] == 9 and square.params["n_queries"] == 5000
+    assert t.gate is None and fab.gate is None and square.gate == "escalate"
+    assert (fab.params["steps"], fab.params["n_target_classes"]) == (100, 3) and square.params["n_queries"] == 5000
 
 
 class Rounded(nn.Module):
@@ -112,18 +112,18 @@ class Rounded(nn.Module):
         return self.model(torch.where(keep, rounded, v))
 
 
-def _gated_run(model, x, y):
+def _gated_run(model, x, y, gate="flagged", first=None):
     calls = []
     noise = make_attack("noise", draws=1)
 
     def spy(m, xs, ys, eps, norm, lo, hi, generator, rebind):
         calls.append(xs.clone())
         return noise.run(m, xs, ys, eps, norm, lo, hi, generator, rebind)
-    gated = dataclasses.replace(noise, name="gated", run=spy, gate="flagged")
+    gated = dataclasses.replace(noise, name="gated", run=spy, gate=gate)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", EvaluationWarning)
-        r = autoattack(model, (x, y), eps=0.02, attacks=[make_attack("apgd", steps=5), gated], batch_size=16,
-                       progress=False)
+        r = autoattack(model, (x, y), eps=0.02, attacks=[first or make_attack("apgd", steps=5), gated],
+                       batch_size=16, progress=False)
     seen = torch.cat(calls) if calls else x[:0]
     return r, seen
 
@@ -150,6 +150,53 @@ def test_gated_attack_runs_only_on_the_points_the_checks_flag(one_thread):
     assert "gated ran only on the points the checks flag" in r.summary()
 
 
+def _fools(points):
+    """An attack that moves each of ``points`` (told apart by their pixels) by +0.01 in every pixel (within the
+    ε = 0.02 ball) and returns every other input unchanged: with :class:`Flip` it fools exactly those."""
+    def run(m, xs, ys, eps, norm, lo, hi, generator, rebind):
+        out = xs.clone()
+        for k in range(len(xs)):
+            if any(torch.equal(xs[k], p) for p in points):
+                out[k] = (xs[k] + 0.01).clamp(0, 1)
+        return out
+    return AttackSpec("first", "custom", {}, run)
+
+
+class Flip(nn.Module):
+    """``base``, but the images ``_fools(fool)`` returns for the points ``fool`` get another class's logits."""
+
+    def __init__(self, base, fool):
+        super().__init__()
+        self.base, self.fool = base, fool
+
+    def forward(self, v):
+        z = self.base(v)
+        hit = torch.zeros(len(v), dtype=torch.bool)
+        for target in self.fool:
+            hit |= ((v - (target + 0.01).clamp(0, 1)).flatten(1).abs().amax(1) == 0)
+        return torch.where(hit[:, None], z.roll(1, dims=1), z)
+
+
+def test_escalating_gate_runs_everywhere_only_after_the_attack_before_it_fooled_a_point(one_thread):
+    base, x, y = worker.case(n=48)
+    with torch.no_grad():
+        correct = (base(x).argmax(1) == y).nonzero().squeeze(1)
+    # the attack before it fools nothing: the escalating gate acts as "flagged" (no point flagged here)
+    r, seen = _gated_run(base, x, y, gate="escalate", first=_fools([]))
+    assert r.results[0]["fooled"]["first"] == 0 and r.results[0]["attacked"]["gated"] == 0 and len(seen) == 0
+    # it fools two points: every other point still robust is attacked
+    fool = [x[correct[0]], x[correct[5]]]
+    r, seen = _gated_run(Flip(base, fool), x, y, gate="escalate", first=_fools(fool))
+    assert r.results[0]["fooled"]["first"] == 2
+    assert r.results[0]["attacked"]["gated"] == len(seen) == len(correct) - 2
+    assert "gated ran on the points the checks flag, or on all when first fooled any" in r.summary()
+    # the plain "flagged" gate after the same attack still runs nowhere
+    r, seen = _gated_run(Flip(base, fool), x, y, gate="flagged", first=_fools(fool))
+    assert r.results[0]["fooled"]["first"] == 2 and len(seen) == 0
+    with pytest.raises(ValueError, match="gate must be one of"):
+        dataclasses.replace(make_attack("noise"), gate="sometimes")
+
+
 @pytest.mark.parametrize("eps", [0.1, 0.15])
 def test_fast_is_as_strong_as_standard(one_thread, eps):
     """On the trained case: fast's robust accuracy within 0.3 points of standard's (on 96 points: equal)."""
@@ -159,4 +206,7 @@ def test_fast_is_as_strong_as_standard(one_thread, eps):
     fast = autoattack(model, (x, y), version="fast", **kw)
     assert 0.2 < standard.robust_accuracy() < fast.clean_accuracy, "the case must leave some points robust"
     assert fast.robust_accuracy() <= standard.robust_accuracy() + 0.003
-    assert fast.results[0]["attacked"]["fab-t"] == fast.results[0]["attacked"]["square"] == 0
+    # FAB-T runs on every point APGD left; Square only after FAB-T fooled one (no check fires on this model)
+    r, n = fast.results[0], fast.n_samples
+    assert r["attacked"]["fab-t"] == round(r["accuracy_after"]["apgd-t"] * n)
+    assert r["attacked"]["square"] == (round(r["accuracy_after"]["fab-t"] * n) if r["fooled"]["fab-t"] else 0)

@@ -142,20 +142,31 @@ def _per_class(codes, y_all, attacks, num_classes):
 
 
 def _flagged(clean: dict, n: int) -> torch.Tensor:
-    """The points a gated attack (``AttackSpec.gate == "flagged"``) runs on: those with an all-zero input
-    gradient at the clean pass, or every point when a check about the whole model fired."""
+    """The points the checks flag: those with an all-zero input gradient at the clean pass, or every point when
+    a check about the whole model fired."""
     if clean["randomized"] or clean["softmax_output"] or clean["nonfinite"]:
         return torch.ones(n, dtype=torch.bool)
     return clean.get("flagged", torch.zeros(n, dtype=torch.bool))
+
+
+def gate_mask(spec, i: int, codes: torch.Tensor, clean: dict) -> torch.Tensor:
+    """Which points attack ``i`` of the list may run on at one ε, given the ε's codes (a point fooled by an
+    attack after ``i`` still counts as robust before it): every point with no gate; with ``"flagged"``, the
+    points the checks flag; with ``"escalate"``, those, or every point when the attack before it fooled any
+    point (a second white-box attack found what the first ones missed: the gradients cannot be trusted, so
+    the black-box attack runs everywhere)."""
+    n = codes.numel()
+    if spec.gate is None or (spec.gate == "escalate" and i > 0 and bool((codes == i).any())):
+        return torch.ones(n, dtype=torch.bool)
+    return _flagged(clean, n)
 
 
 def _run_attack(model, spec, i, j, e, state, x_all, y_all, dev, threat, lo, hi, seed, batch_size, ctx, progress,
                 return_adversarial):
     """Attack ``i`` at ε ``j`` on this process's chunks of the points still robust (a finished chunk read from the
     state): (this process's fooled mask [N], its count of outputs outside the ball, [(points, x_adv)] fooled)."""
-    robust = (state.codes[j] == ROBUST).nonzero().squeeze(1)
-    if spec.gate == "flagged":
-        robust = robust[_flagged(state.clean, len(y_all))[robust]]
+    codes = state.codes[j]
+    robust = ((codes == ROBUST) & gate_mask(spec, i, codes, state.clean)).nonzero().squeeze(1)
     chunks = list(robust.split(batch_size))
     mine = [k for k in range(len(chunks)) if k % ctx.world_size == ctx.rank]
     fooled_now = torch.zeros(len(y_all), dtype=torch.int32)
@@ -200,7 +211,7 @@ def autoattack(model, data, eps: Union[float, Sequence[float]] = 8 / 255, norm="
             keeps the first ones. All points are held in memory (as the original's ``x_orig``).
         eps: a budget or a list of budgets in the units of ``norm`` (``"linf"``, ``"l2"`` or a ThreatModel).
         version: ``"standard"`` (the default), ``"plus"``, ``"rand"`` or ``"fast"`` (robust_ext's: APGD-CE and
-            APGD-T on 3 MALT-ranked targets; FAB-T and Square only where the checks call for them; see
+            APGD-T on 3 MALT-ranked targets, FAB-T on 3 targets; Square only where the checks call for it; see
             :mod:`.autoattack_versions`); ``"custom"`` (or None) with ``attacks``.
         attacks: a custom list: registry names (``"apgd"``, ``"apgd_t"``, ...), the original's names
             (``"apgd-ce"``, ``"apgd-dlr"``, ``"apgd-t"``, ``"fab"``, ``"fab-t"``, ``"square"``), specs of
@@ -310,7 +321,7 @@ def _report(model, model_name, batches, version, specs, threat, grid, lo, hi, se
         attacked = {}  # the points each attack ran on: robust before it (and flagged, for a gated one)
         for i, spec in enumerate(specs):
             before = (codes == ROBUST) | (codes >= i + 1)
-            attacked[spec.name] = int((before & _flagged(clean, n) if spec.gate == "flagged" else before).sum())
+            attacked[spec.name] = int((before & gate_mask(spec, i, codes, clean)).sum())
         out = {name: state.outside.get((j, i), 0) for i, name in enumerate(names)}
         results.append({"eps": e, "robust_accuracy": after[names[-1]], "accuracy_after": after, "attacked": attacked,
                         "fooled": fooled,

@@ -109,10 +109,13 @@ class AutoAttackReport:
             lines.append(f"{'after ' + name:<{width}} "
                          + " ".join(f"{r['accuracy_after'][name]:>8.2%}" for r in self.results))
         lines.append(f"{'robust':<{width}} " + " ".join(f"{r['robust_accuracy']:>8.2%}" for r in self.results))
-        for a in c.get("attacks", []):
-            if a.get("gate") == "flagged":
+        for k, a in enumerate(c.get("attacks", [])):
+            if a.get("gate"):
                 ran = ", ".join(str(r.get("attacked", {}).get(a["name"], "?")) for r in self.results)
-                lines.append(f"{a['name']} ran only on the points the checks flag: {ran} point(s)")
+                where = "only on the points the checks flag"
+                if a["gate"] == "escalate" and k:
+                    where = f"on the points the checks flag, or on all when {c['attacks'][k - 1]['name']} fooled any"
+                lines.append(f"{a['name']} ran {where}: {ran} point(s)")
         if self.unreliable:
             lines.append(f"{self.unreliable}:")
         lines += [f"warning: {w}" for w in self.warnings]

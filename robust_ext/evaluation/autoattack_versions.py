@@ -6,11 +6,15 @@ ensemble runs, in which order, with which settings; and APGD with Expectation ov
   target classes), Square (5,000 queries, ``p_init`` 0.8).
 * ``plus``: APGD-CE and APGD-DLR (5 restarts each), FAB (5 restarts), Square, APGD-T, FAB-T.
 * ``rand``: APGD-CE and APGD-DLR, 1 restart, the gradient averaged over 20 draws of a randomized model.
-* ``fast`` (robust_ext's): APGD-CE (100 steps), then APGD-T (100 steps) towards 3 of the 9 likeliest classes,
-  nearest decision boundary first (MALT's ranking, :func:`robust_ext.attacks.apgd.rank_targets`); FAB-T and
-  Square run only on the points the sanity checks flag (all-zero input gradient), or on every point still
-  robust when a model-level check fires (randomized or softmax outputs, non-finite logits). It is checked
-  against ``standard`` (``benchmarks/bench_eval.py``, tests/test_autoattack.py), never assumed equal.
+* ``fast`` (robust_ext's): APGD-CE (100 steps); APGD-T (100 steps) towards 3 of the 9 likeliest classes,
+  nearest decision boundary first (MALT's ranking, :func:`robust_ext.attacks.apgd.rank_targets`); FAB-T
+  (100 steps) towards the 3 likeliest classes: a white-box attack of another family, as a check on APGD; then
+  Square (5,000 queries) where the checks call for it: on every point still robust when FAB-T fooled any
+  point that both APGD attacks missed (the gradients mislead APGD somewhere: the original's black-box check
+  is then needed), else only on the points the sanity checks flag (all-zero input gradient), or on every
+  point when a model-level check fires (randomized or softmax outputs, non-finite logits). It is checked
+  against ``standard`` (``benchmarks/bench_eval.py``, tests/test_autoattack_fast.py), never assumed equal;
+  where Square has to run everywhere it costs about as much as ``standard``'s Square.
 
 Each attack is a registry entry (:mod:`robust_ext.attacks.registry`); a version whose attack is not
 registered is an error naming it, never a weaker ensemble under the version's name.
@@ -35,7 +39,7 @@ _APGD = {"steps": 100, "restarts": 1}
 _TARGETED = {"steps": 100, "restarts": 1, "n_target_classes": 9}
 _SQUARE = {"queries": 5000, "p_init": 0.8, "restarts": 1}
 FAST_TARGETS = 3
-_GATED = {"gate": "flagged"}  # only where the checks call for it
+_ESCALATE = {"gate": "escalate"}  # the flagged points, or all when the attack before it fooled any
 
 # The original's attack names -> (registry kind, the settings that make the registry's attack that one).
 ORIGINAL_NAMES = {"apgd-ce": ("apgd", {"loss": "ce"}), "apgd-dlr": ("apgd", {"loss": "dlr"}),
@@ -47,7 +51,7 @@ VERSIONS = {
              ("fab", {**_APGD, "restarts": 5}), ("square", _SQUARE), ("apgd-t", _TARGETED), ("fab-t", _TARGETED)),
     "rand": (("apgd-ce", {**_APGD, "eot": EOT_DRAWS}), ("apgd-dlr", {**_APGD, "eot": EOT_DRAWS})),
     "fast": (("apgd-ce", _APGD), ("apgd-t", {**_TARGETED, "n_target_classes": FAST_TARGETS, "target_order": "malt"}),
-             ("fab-t", {**_TARGETED, **_GATED}), ("square", {**_SQUARE, **_GATED})),
+             ("fab-t", {**_TARGETED, "n_target_classes": FAST_TARGETS}), ("square", {**_SQUARE, **_ESCALATE})),
 }
 
 # The names other attack files may give a setting (the original's and the registry's conventions).

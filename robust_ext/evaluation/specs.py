@@ -21,13 +21,17 @@ from ..attacks.registry import ATTACKS, get_attack
 _FUNCTIONAL = {A.fgsm: "fgsm", A.bim: "bim", A.pgd: "pgd"}
 
 
+GATES = (None, "flagged", "escalate")
+
+
 @dataclass(frozen=True)
 class AttackSpec:
     """One attack of an evaluation. ``name`` labels it in the report; ``kind`` is a registry name (the
     gradient-masking checks compare kinds) or ``custom``; ``params`` its hyper-parameters as recorded in the
     report. ``per_sample_eps``: it takes a tensor of per-sample ε. ``gate``: in an AutoAttack version, which of
-    the points still robust it attacks: all of them (None) or, with ``"flagged"``, only those the sanity
-    checks flag (see :func:`robust_ext.evaluation.autoattack`)."""
+    the points still robust it attacks: all of them (None); with ``"flagged"``, only those the sanity checks
+    flag; with ``"escalate"``, those, or all of them when the attack before it fooled any point (see
+    :func:`robust_ext.evaluation.autoattack.gate_mask`)."""
 
     name: str
     kind: str
@@ -35,6 +39,10 @@ class AttackSpec:
     run: Callable = field(repr=False)
     per_sample_eps: bool = False
     gate: Optional[str] = None
+
+    def __post_init__(self):
+        if self.gate not in GATES:
+            raise ValueError(f"gate must be one of {GATES}, got {self.gate!r}")
 
     def __call__(self, model, x, y, eps, *, norm="linf", clip_min=0.0, clip_max=1.0, generator=None, rebind=False):
         """``x_adv`` for budget ``eps`` (a float, or a per-sample tensor when ``per_sample_eps``) under
