@@ -93,7 +93,7 @@ fi
 
 # Every CUDA case of the kernel tests (ids carry the device), and the device-mismatch checks.
 stage tests 150 "$py" -m pytest -q -p no:cacheprovider -k "cuda or device_mismatch" \
-  --junitxml="$out/tests.xml" tests/test_ops.py tests/test_l2_ops.py tests/test_op_errors.py \
+  --junitxml="$out/tests.xml" tests/test_ops.py tests/test_l2_ops.py tests/test_apgd_update_op.py tests/test_op_errors.py \
   tests/test_random_init.py >"$out/tests.log" 2>&1
 tests_rc=$?
 tail -15 "$out/tests.log"

@@ -135,6 +135,18 @@ def test_report_fields_json_and_robustbench(reference, tmp_path):
     assert "after apgd-t" in text and "96 points" in text and "unreliable" not in text
 
 
+def test_the_curve_plot_draws_autoattack_as_its_robust_accuracy(reference, tmp_path):
+    from robust_ext.evaluation.plots import _curves, plot_accuracy_curves
+
+    back = AutoAttackReport.from_json(reference.to_json(tmp_path / "aa.json"))  # a report read back plots too
+    for r in (reference, back):
+        ((name, (eps, acc)),) = _curves(r, with_worst=True).items()
+        assert name == "AutoAttack (custom, 96 pts)"
+        assert eps == [0.0] + list(worker.EPS)
+        assert acc == [reference.clean_accuracy] + [x["robust_accuracy"] for x in reference.results]
+    assert plot_accuracy_curves({"m": back}, tmp_path / "c.png").stat().st_size > 1000
+
+
 def test_same_seed_same_report_and_the_seed_matters(setup, reference):
     same(run(setup), reference)
     other = run(setup, seed=4)

@@ -14,6 +14,7 @@ from matplotlib.ticker import MaxNLocator
 from .._io import atomic_write
 from ..attacks.threats import norm_label
 from ._inputs import eval_mode, predict
+from .autoattack_report import AutoAttackReport
 
 PathLike = Union[str, "os.PathLike[str]"]
 _LINESTYLES = ("-", "--", ":", "-.")
@@ -30,7 +31,7 @@ def _save(fig: Figure, path: PathLike) -> Path:
 def _curves(report, with_worst: bool) -> Dict[str, tuple]:
     """name -> (eps, accuracy) of a :class:`~robust_ext.evaluation.Report` (one per attack, and the worst case)
     or of an :class:`~robust_ext.evaluation.AutoAttackReport` (its robust accuracy); each from ε = 0."""
-    if hasattr(report, "results"):  # AutoAttack
+    if isinstance(report, AutoAttackReport):
         n = report.n_samples
         curves = {f"AutoAttack ({report.config.get('version')}, {n} pts)":
                   [r["robust_accuracy"] for r in report.results]}
@@ -66,7 +67,7 @@ def plot_accuracy_curves(reports, path: PathLike, *, title: Optional[str] = None
     colors: Dict[str, str] = {}
     palette = [f"C{i}" for i in range(10)]
     for k, (model, rs) in enumerate(reports.items()):
-        has_aa = any(hasattr(r, "results") for r in rs)
+        has_aa = any(isinstance(r, AutoAttackReport) for r in rs)
         curves = {name: c for r in rs for name, c in _curves(r, with_worst=not has_aa).items()}
         for j, (name, (eps, acc)) in enumerate(curves.items()):
             worst = name == "worst case"
