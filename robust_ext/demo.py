@@ -26,7 +26,7 @@ log = logging.getLogger(__name__)
 DEMO_EPS = 0.1
 DEMO_CURVE = (0.05, 0.1, 0.15, 0.2, 0.3)
 AA_POINTS = 200  # test digits the AutoAttack curves run on (the BIM reproduction runs on all)
-AA_VERSION = "fast"  # equal to "standard" on bench_eval's MNIST L-inf models (docs/benchmarks.md), not on every model
+AA_VERSION = "fast"  # within an image of "standard" on every bench_eval model (docs/benchmarks.md)
 # What the demo must show (issue targets), scored by AutoAttack; the report says which held.
 TARGETS = {"standard_clean": 0.96, "robust_clean": 0.95, "robust_autoattack_0.1": 0.80,
            "gap_autoattack_0.15": 0.40}
