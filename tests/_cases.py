@@ -1,6 +1,8 @@
 """Inputs shared by the op tests: layouts, dtypes and an independent float64 formula."""
 import torch
 
+from robust_ext.attacks.threats import ThreatModel
+
 DTYPES = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
 LAYOUTS = ["contiguous", "channels_last", "transposed", "strided", "batch_inner", "mixed"]
 
@@ -54,3 +56,35 @@ def ulp(t: torch.Tensor) -> torch.Tensor:
     """One unit in the last place of t's dtype at t's magnitude (as float64)."""
     info = torch.finfo(t.dtype)
     return (t.double().abs().clamp_min(info.tiny) * info.eps).double()
+
+
+def on_threads(fn, counts=(1, 2)):
+    """``[fn() at each thread count of counts]``, the caller's thread count restored after."""
+    before = torch.get_num_threads()
+    try:
+        out = []
+        for threads in counts:
+            torch.set_num_threads(threads)
+            out.append(fn())
+        return out
+    finally:
+        torch.set_num_threads(before)
+
+
+class Delegating(ThreatModel):
+    """A user-style threat model with only ``init``, ``step_``, ``project_`` and ``distance``, each handed to
+    the library's ``base``: a subclass replaces the one it tests (APGD's update is then the base class's)."""
+
+    base: ThreatModel
+
+    def init(self, x, eps, clip_min, clip_max, generator=None):
+        return self.base.init(x, eps, clip_min, clip_max, generator)
+
+    def step_(self, x_adv, grad, x, alpha, eps, clip_min, clip_max):
+        return self.base.step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
+
+    def project_(self, x_adv, x, eps, clip_min, clip_max):
+        return self.base.project_(x_adv, x, eps, clip_min, clip_max)
+
+    def distance(self, x_adv, x):
+        return self.base.distance(x_adv, x)

@@ -25,8 +25,9 @@ from torch import nn
 from robust_ext import attacks as A
 from robust_ext.attacks.apgd import StepRule, apgd, apgd_t, checkpoint_schedule, halve_step
 from robust_ext.attacks.losses import per_sample_loss
-from robust_ext.attacks.threats import L2, LINF, ThreatModel
+from robust_ext.attacks.threats import L2, LINF
 
+from _cases import Delegating
 from conftest import DEVICES
 
 pytestmark = pytest.mark.usefixtures("one_thread")
@@ -167,19 +168,8 @@ def _reference_draw(shape):
     return _rand(tuple(shape), generator=torch.Generator().manual_seed(1))
 
 
-class _ReferenceStart(ThreatModel):
+class _ReferenceStart(Delegating):
     """A threat model of the library (``base``) with the reference's random start (``init``, per subclass)."""
-
-    base: ThreatModel
-
-    def step_(self, x_adv, grad, x, alpha, eps, clip_min, clip_max):
-        return self.base.step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
-
-    def project_(self, x_adv, x, eps, clip_min, clip_max):
-        return self.base.project_(x_adv, x, eps, clip_min, clip_max)
-
-    def distance(self, x_adv, x):
-        return self.base.distance(x_adv, x)
 
 
 class ReferenceStartLinf(_ReferenceStart):

@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from robust_ext import ops, reference
-from robust_ext.attacks import LINF, L2, ThreatModel, apgd
-from _cases import DTYPES, LAYOUTS, images, layout
+from robust_ext.attacks import LINF, L2, apgd
+from _cases import DTYPES, LAYOUTS, Delegating, images, layout, on_threads
 from conftest import DEVICES
 
 NORMS = ["linf", "l2"]
@@ -230,14 +230,7 @@ def test_thread_count_independent(norm, shape):
     """One large sample (the L2 sums split over chunks), few samples, many: the same bits on 1 and 2 threads."""
     x_adv, x_prev, grad, x = inputs(shape=shape, seed=7, spread=0.1)
     eps = torch.linspace(0.01, 2.0, shape[0])
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append(op(norm)(x_adv, x_prev, grad, x, 0.3, eps, 0.75))
-    finally:
-        torch.set_num_threads(before)
+    results = on_threads(lambda: op(norm)(x_adv, x_prev, grad, x, 0.3, eps, 0.75))
     same(results[0], results[1])
     same(results[0], ref_op(norm)(x_adv, x_prev, grad, x, 0.3, 0.0, 0.75, 0.0, 1.0, None, eps))
 
@@ -346,23 +339,11 @@ def test_torch_compile_fullgraph():
 
 # ---- the threat-model seam -------------------------------------------------------------------------------
 
-class Composed(ThreatModel):
+class Composed(Delegating):
     """A threat model with only step_ and project_ (as a user's own): APGD's update is the base class's."""
 
     def __init__(self, base):
         self.base, self.name = base, "composed_" + base.name
-
-    def init(self, x, eps, clip_min, clip_max, generator=None):
-        return self.base.init(x, eps, clip_min, clip_max, generator)
-
-    def step_(self, x_adv, grad, x, alpha, eps, clip_min, clip_max):
-        return self.base.step_(x_adv, grad, x, alpha, eps, clip_min, clip_max)
-
-    def project_(self, x_adv, x, eps, clip_min, clip_max):
-        return self.base.project_(x_adv, x, eps, clip_min, clip_max)
-
-    def distance(self, x_adv, x):
-        return self.base.distance(x_adv, x)
 
 
 @pytest.mark.parametrize("threat", [LINF, L2], ids=["linf", "l2"])

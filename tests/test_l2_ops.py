@@ -23,7 +23,7 @@ import scipy.stats
 import torch
 
 from robust_ext import ops, reference
-from _cases import DTYPES, LAYOUTS, images, layout
+from _cases import DTYPES, LAYOUTS, images, layout, on_threads
 from conftest import DEVICES, FORCED_REFERENCE
 
 EXACT_TO_REFERENCE = (torch.float32, torch.float16, torch.bfloat16)
@@ -171,15 +171,9 @@ def test_thread_count_independent(shape):
     """One large sample (split over chunks), few samples, many samples: the same bits on 1 and 2 threads."""
     x_adv, grad, x = images(shape=shape, seed=5, spread=0.1)
     eps = torch.linspace(0.01, 2.0, shape[0])
-    before = torch.get_num_threads()
-    try:
-        results = []
-        for threads in (1, 2):
-            torch.set_num_threads(threads)
-            results.append((ops.l2_step(x_adv, grad, x, 0.3, eps), ops.l2_project(x_adv, x, eps),
-                            ops.fgm(x, grad, eps), ops.l2_random_init(x, eps, generator=torch.Generator().manual_seed(1))))
-    finally:
-        torch.set_num_threads(before)
+    results = on_threads(lambda: (ops.l2_step(x_adv, grad, x, 0.3, eps), ops.l2_project(x_adv, x, eps),
+                                  ops.fgm(x, grad, eps),
+                                  ops.l2_random_init(x, eps, generator=torch.Generator().manual_seed(1))))
     for a, b in zip(*results):
         same(a, b)
     same(results[0][0], reference.l2_step(x_adv, grad, x, 0.3, 0.0, 0.0, 1.0, None, eps))
