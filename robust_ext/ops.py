@@ -129,9 +129,8 @@ def _step_args(x, alpha, eps, clip_min, clip_max):
 
 def _apgd_args(x, alpha, eps, momentum, clip_min, clip_max):
     """(alpha, eps, momentum, clip_min, clip_max, alpha_t, eps_t) in the schema's order and types."""
-    a, a_t = _budget(alpha, "alpha", x)
-    e, e_t = _budget(eps, "eps", x)
-    return a, e, _bound(momentum, "momentum"), _bound(clip_min, "clip_min"), _bound(clip_max, "clip_max"), a_t, e_t
+    a, e, lo, hi, a_t, e_t = _step_args(x, alpha, eps, clip_min, clip_max)
+    return a, e, _bound(momentum, "momentum"), lo, hi, a_t, e_t
 
 
 def _ball_args(x, eps, clip_min, clip_max):
