@@ -159,6 +159,45 @@ def test_gradient_edge_cases():
         same(ops.l2_step(*args, 0.2, 0.4), reference.l2_step(*args, 0.2, 0.4, 0.0, 1.0))
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_each_sample_alone_with_edge_rows_between(dtype):
+    """A batch whose rows mix the gradient's cases (ordinary, NaN entries, an infinite entry, zero, tiny,
+    huge), in every order: each sample's result is the one it gets alone, on 1 and 2 threads. The kernel
+    sums a sample's gradient while it finishes the sample before it and reads a NaN-free, finite gradient
+    without its checks: no case may leak into its neighbour."""
+    x_adv, grad, x = images(shape=(9, 2, 9, 7), dtype=torch.float64, seed=11, spread=0.2)
+    grad = grad.sign() * (0.25 + grad.abs())
+    grad[1, 0, 3, :2] = math.nan
+    grad[2, 1, 4, 4] = -math.inf
+    grad[3] = 0.0
+    grad[4] *= 2.0**-70
+    grad[5] *= 2.0**70
+    grad[6, 1, 0, 0] = math.nan
+    grad[6, 0, 0, 0] = math.inf
+    x_prev = (x_adv + 0.05 * grad.nan_to_num(0.0, 0.0, 0.0).sign()).clamp(0, 1)
+    order = [0, 1, 2, 3, 4, 5, 6, 7, 8, 6, 5, 4, 3, 2, 1, 0, 2, 6, 1, 3]  # every case before and after the others
+    x_adv, grad, x, x_prev = (t[order].to(dtype) for t in (x_adv, grad, x, x_prev))
+    alpha = torch.linspace(0.05, 0.6, len(order), dtype=torch.float64)
+    eps = torch.linspace(0.2, 1.5, len(order), dtype=torch.float64)
+
+    def run():
+        return (ops.l2_step(x_adv, grad, x, alpha, eps), ops.fgm(x, grad, eps),
+                ops.l2_apgd_update(x_adv, x_prev, grad, x, alpha, eps, 0.75))
+
+    batched = on_threads(run)
+    for a, b in zip(*batched):
+        same(a, b)
+    for i in range(len(order)):
+        r = slice(i, i + 1)
+        alone = (ops.l2_step(x_adv[r], grad[r], x[r], float(alpha[i]), float(eps[i])),
+                 ops.fgm(x[r], grad[r], float(eps[i])),
+                 ops.l2_apgd_update(x_adv[r], x_prev[r], grad[r], x[r], float(alpha[i]), float(eps[i]), 0.75))
+        for got, want in zip(batched[0], alone):
+            same(got[r], want)
+    if dtype in EXACT_TO_REFERENCE:
+        same(batched[0][0], reference.l2_step(x_adv, grad, x, 0.0, 0.0, 0.0, 1.0, alpha, eps))
+
+
 def test_targeted_step_descends():
     x_adv, grad, x = images(seed=4, spread=0.0)
     x = x.clamp(0.2, 0.8)

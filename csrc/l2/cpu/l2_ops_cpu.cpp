@@ -9,6 +9,7 @@
 // sum is the same, so the result does not depend on the thread count.
 #include <algorithm>
 #include <cmath>
+#include <type_traits>
 #include <vector>
 
 #include <ATen/Dispatch.h>
@@ -50,6 +51,27 @@ C10_ALWAYS_INLINE T chunk_sum(int64_t len, F term) {
   return math::lane_tree(acc);
 }
 
+// Two chunks' sums in one loop: their lanes are independent chains, so the core overlaps them (one
+// chunk's chain of adds is latency-bound on AVX2). Each sum has the order of chunk_sum.
+template <typename T, typename F, typename G>
+C10_ALWAYS_INLINE void chunk_sum2(int64_t len, F term, G term2, T& sum, T& sum2) {
+  T acc[kSumLanes] = {}, acc2[kSumLanes] = {};
+  const int64_t rows = len / kSumLanes, tail = len - rows * kSumLanes;
+  for (int64_t r = 0; r < rows; ++r)
+    for (int j = 0; j < kSumLanes; ++j) {
+      const T v = term(r * kSumLanes + j), w = term2(r * kSumLanes + j);
+      acc[j] = acc[j] + v * v;
+      acc2[j] = acc2[j] + w * w;
+    }
+  for (int j = 0; j < tail; ++j) {
+    const T v = term(rows * kSumLanes + j), w = term2(rows * kSumLanes + j);
+    acc[j] = acc[j] + v * v;
+    acc2[j] = acc2[j] + w * w;
+  }
+  sum = math::lane_tree(acc);
+  sum2 = math::lane_tree(acc2);
+}
+
 // part[c] for chunks [c0, c1) of a sample of n elements: term(i) is element i's value.
 template <typename T, typename F>
 C10_ALWAYS_INLINE void chunk_sums(int64_t n, int64_t c0, int64_t c1, T* part, F term) {
@@ -59,15 +81,36 @@ C10_ALWAYS_INLINE void chunk_sums(int64_t n, int64_t c0, int64_t c1, T* part, F 
   }
 }
 
-// The gradient's sums: kRaw, nan_to_zero(g) (the first pass); else l2_direction(g, s).
-template <typename S, bool kRaw>
+// How a sample's gradient enters its sums and d, as l2_math.h's dir(g) with the sample's scale s: kClean,
+// g as it is: the first pass sums g^2 unchecked, and a sum that is a number (no NaN entry) at scale 1 (no
+// infinite entry) proves dir(g) = g; kNanToZero, nan_to_zero(g) (a NaN entry, scale 1); kScaled,
+// l2_direction(g, s). The same bits each way; the loops are compute-bound on AVX2, and kClean is the
+// common one with the fewest instructions.
+enum class Dir { kClean, kNanToZero, kScaled };
+
+template <Dir kDir, typename T>
+C10_ALWAYS_INLINE T dir_of(T g, T s) {
+  if constexpr (kDir == Dir::kClean) return g;
+  else if constexpr (kDir == Dir::kNanToZero) return math::nan_to_zero(g);
+  else return math::l2_direction(g, s);
+}
+
+// f(std::integral_constant<Dir, d>{}): a run-time Dir to the loop compiled for it.
+template <typename F>
+C10_ALWAYS_INLINE void with_dir(Dir d, F&& f) {
+  switch (d) {
+    case Dir::kClean: f(std::integral_constant<Dir, Dir::kClean>{}); break;
+    case Dir::kNanToZero: f(std::integral_constant<Dir, Dir::kNanToZero>{}); break;
+    default: f(std::integral_constant<Dir, Dir::kScaled>{});
+  }
+}
+
+// The sums of dir(g)^2 (kClean: the first pass; the others run again in grad_coef).
+template <typename S, Dir kDir>
 RX_CLONES void grad_sums(const S* __restrict g, int64_t n, int64_t c0, int64_t c1, compute_t<S> s,
                          compute_t<S>* __restrict part) {
   using T = compute_t<S>;
-  chunk_sums<T>(n, c0, c1, part, [&](int64_t i) RX_INLINE_LAMBDA {
-    const T v = widen(g[i]);
-    return kRaw ? math::nan_to_zero(v) : math::l2_direction(v, s);
-  });
+  chunk_sums<T>(n, c0, c1, part, [&](int64_t i) RX_INLINE_LAMBDA { return dir_of<kDir>(widen(g[i]), s); });
 }
 
 template <typename S>
@@ -81,61 +124,84 @@ RX_CLONES compute_t<S> grad_max_abs(const S* __restrict g, int64_t n) {
   return m;
 }
 
-// d for a sample whose gradient scale is s: without a gradient (kGrad false: projection) x_adv - x.
-// kScaled false is a sample with s = 1, which has no infinite entry (l2_needs_rescale): there dir(g) is
-// nan_to_zero(g), the same bits with half the vector instructions (this loop is compute-bound on AVX2).
-template <typename T, bool kGrad, bool kScaled>
+// d = (x_adv - x) + c * dir(g) (l2_math.h l2_delta) for a sample's Dir; without a gradient (kGrad false:
+// projection) x_adv - x.
+template <typename T, bool kGrad, Dir kDir>
 C10_ALWAYS_INLINE T delta_of(T a, T g, T b, T c, T s) {
   if (!kGrad) return a - b;
-  return kScaled ? math::l2_delta(a, g, b, c, s) : (a - b) + c * math::nan_to_zero(g);
+  return (a - b) + c * dir_of<kDir>(g, s);
 }
 
-template <typename S, bool kGrad, bool kScaled, bool kKeep>
+template <typename S, bool kGrad, Dir kDir, bool kKeep>
 RX_CLONES void delta_sums(const S* __restrict xa, const S* __restrict g, const S* __restrict x, int64_t n,
                           int64_t c0, int64_t c1, compute_t<S> c, compute_t<S> s, compute_t<S>* __restrict part,
                           compute_t<S>* __restrict kept) {
   using T = compute_t<S>;
   chunk_sums<T>(n, c0, c1, part, [&](int64_t i) RX_INLINE_LAMBDA {
-    const T d = delta_of<T, kGrad, kScaled>(widen(xa[i]), kGrad ? widen(g[i]) : T(0), widen(x[i]), c, s);
+    const T d = delta_of<T, kGrad, kDir>(widen(xa[i]), kGrad ? widen(g[i]) : T(0), widen(x[i]), c, s);
     if (kKeep) kept[i] = d;
     return d;
   });
 }
 
-template <typename S, bool kGrad, bool kScaled>
+// delta_sums of a whole sample (kGrad) together with the first pass (grad_sums, kClean) of the next one, gn:
+// the next sample's gradient, its partials into part_next. Same sums as the two passes run apart.
+template <typename S, Dir kDir, bool kKeep>
+RX_CLONES void delta_sums_with_next(const S* __restrict xa, const S* __restrict g, const S* __restrict x, int64_t n,
+                                   compute_t<S> c, compute_t<S> s, compute_t<S>* __restrict part,
+                                   compute_t<S>* __restrict kept, const S* __restrict gn,
+                                   compute_t<S>* __restrict part_next) {
+  using T = compute_t<S>;
+  for (int64_t k = 0, P = math::sum_chunks(n); k < P; ++k) {
+    const int64_t b = k * kSumChunk;
+    chunk_sum2<T>(
+        std::min(kSumChunk, n - b),
+        [&](int64_t i) RX_INLINE_LAMBDA {
+          const T d = delta_of<T, true, kDir>(widen(xa[b + i]), widen(g[b + i]), widen(x[b + i]), c, s);
+          if (kKeep) kept[b + i] = d;
+          return d;
+        },
+        [&](int64_t i) RX_INLINE_LAMBDA { return widen(gn[b + i]); }, part[k], part_next[k]);
+  }
+}
+
+template <typename S, bool kGrad, Dir kDir>
 RX_CLONES void delta_write(S* __restrict out, const S* xa, const S* __restrict g, const S* __restrict x, int64_t n,
                            compute_t<S> c, compute_t<S> s, compute_t<S> f, compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
   cpu::update_row(out, xa, n, [&](S v, int64_t i) RX_INLINE_LAMBDA {
     const T b = widen(x[i]);
-    const T d = delta_of<T, kGrad, kScaled>(widen(v), kGrad ? widen(g[i]) : T(0), b, c, s);
+    const T d = delta_of<T, kGrad, kDir>(widen(v), kGrad ? widen(g[i]) : T(0), b, c, s);
     return narrow_round<S>(math::l2_out(b, d, f, lo, hi));
   });
 }
 
-// delta_sums / delta_write for a sample with scale s: the kScaled form only where s != 1. With `kept`
+// delta_sums / delta_write for a sample's Dir dir (the projection has none: kGrad false). With `kept`
 // (the whole sample on one thread), d is stored for the write, which then reads x and d only.
 template <typename S, bool kGrad>
 void sample_delta_sums(const S* xa, const S* g, const S* x, int64_t n, int64_t c0, int64_t c1, compute_t<S> c,
-                       compute_t<S> s, compute_t<S>* part, compute_t<S>* kept) {
-  const bool scaled = kGrad && s != compute_t<S>(1);
-  if (kept) {
-    if (scaled) delta_sums<S, kGrad, true, true>(xa, g, x, n, c0, c1, c, s, part, kept);
-    else delta_sums<S, kGrad, false, true>(xa, g, x, n, c0, c1, c, s, part, kept);
-  } else {
-    if (scaled) delta_sums<S, kGrad, true, false>(xa, g, x, n, c0, c1, c, s, part, nullptr);
-    else delta_sums<S, kGrad, false, false>(xa, g, x, n, c0, c1, c, s, part, nullptr);
-  }
+                       compute_t<S> s, Dir dir, compute_t<S>* part, compute_t<S>* kept) {
+  with_dir(kGrad ? dir : Dir::kClean, [&](auto d) {
+    if (kept) delta_sums<S, kGrad, decltype(d)::value, true>(xa, g, x, n, c0, c1, c, s, part, kept);
+    else delta_sums<S, kGrad, decltype(d)::value, false>(xa, g, x, n, c0, c1, c, s, part, nullptr);
+  });
+}
+
+// sample_delta_sums of the step (whole sample) with the next sample's first pass: see delta_sums_with_next.
+template <typename S>
+void sample_delta_sums_with_next(const S* xa, const S* g, const S* x, int64_t n, compute_t<S> c, compute_t<S> s,
+                                 Dir dir, compute_t<S>* part, compute_t<S>* kept, const S* gn,
+                                 compute_t<S>* part_next) {
+  with_dir(dir, [&](auto d) {
+    delta_sums_with_next<S, decltype(d)::value, true>(xa, g, x, n, c, s, part, kept, gn, part_next);
+  });
 }
 
 template <typename S, bool kGrad>
 void sample_delta_write(S* out, const S* xa, const S* g, const S* x, int64_t n, compute_t<S> c, compute_t<S> s,
-                        compute_t<S> f, compute_t<S> lo, compute_t<S> hi) {
-  if (kGrad && s != compute_t<S>(1)) {
-    delta_write<S, kGrad, true>(out, xa, g, x, n, c, s, f, lo, hi);
-  } else {
-    delta_write<S, kGrad, false>(out, xa, g, x, n, c, s, f, lo, hi);
-  }
+                        Dir dir, compute_t<S> f, compute_t<S> lo, compute_t<S> hi) {
+  with_dir(kGrad ? dir : Dir::kClean,
+           [&](auto d) { delta_write<S, kGrad, decltype(d)::value>(out, xa, g, x, n, c, s, f, lo, hi); });
 }
 
 // APGD's update after the step's two passes: d2 = v - x for the momentum point v of z, the step's result
@@ -150,7 +216,7 @@ C10_ALWAYS_INLINE compute_t<S> momentum_delta(compute_t<S> a, compute_t<S> p, co
   return math::l2_apgd_delta(z, a, p, b, m, m1);
 }
 
-template <typename S, bool kScaled, bool kKept>
+template <typename S, Dir kDir, bool kKept>
 RX_CLONES void momentum_sums(const S* __restrict xa, const S* __restrict xp, const S* __restrict g,
                              const S* __restrict x, int64_t n, int64_t c0, int64_t c1, compute_t<S> c, compute_t<S> s,
                              compute_t<S> f1, compute_t<S> m, compute_t<S> m1, compute_t<S> lo, compute_t<S> hi,
@@ -158,21 +224,21 @@ RX_CLONES void momentum_sums(const S* __restrict xa, const S* __restrict xp, con
   using T = compute_t<S>;
   chunk_sums<T>(n, c0, c1, part, [&](int64_t i) RX_INLINE_LAMBDA {
     const T a = widen(xa[i]), b = widen(x[i]);
-    const T d = kKept ? kept[i] : delta_of<T, true, kScaled>(a, widen(g[i]), b, c, s);
+    const T d = kKept ? kept[i] : delta_of<T, true, kDir>(a, widen(g[i]), b, c, s);
     const T d2 = momentum_delta<S>(a, widen(xp[i]), d, b, f1, m, m1, lo, hi);
     if (kKept) kept[i] = d2;
     return d2;
   });
 }
 
-template <typename S, bool kScaled>
+template <typename S, Dir kDir>
 RX_CLONES void momentum_write(S* __restrict out, const S* xa, const S* xp, const S* __restrict g, const S* __restrict x,
                               int64_t n, compute_t<S> c, compute_t<S> s, compute_t<S> f1, compute_t<S> m,
                               compute_t<S> m1, compute_t<S> f2, compute_t<S> lo, compute_t<S> hi) {
   using T = compute_t<S>;
   cpu::update_row(out, xa, n, [&](S v, int64_t i) RX_INLINE_LAMBDA {
     const T a = widen(v), b = widen(x[i]);
-    const T d = delta_of<T, true, kScaled>(a, widen(g[i]), b, c, s);
+    const T d = delta_of<T, true, kDir>(a, widen(g[i]), b, c, s);
     return narrow_round<S>(math::l2_out(b, momentum_delta<S>(a, widen(xp[i]), d, b, f1, m, m1, lo, hi), f2,
                                         lo, hi));
   });
@@ -207,18 +273,28 @@ RX_CLONES void scaled_write(S* __restrict out, const S* __restrict x, const comp
   for (int64_t i = 0; i < n; ++i) out[i] = narrow_round<S>(math::l2_out(widen(x[i]), v[i], k, lo, hi));
 }
 
-// The gradient's coefficient num / ||dir(g)|| of one sample (n elements at g), its scale s into `scale`:
-// the partials of the first pass are in part[0, P); the rare rescaled pass runs here.
+// The gradient's coefficient num / ||dir(g)|| of one sample (n elements at g), its scale s into `scale`
+// and its Dir into `dir`: the partials of the first pass (g^2 unchecked) are in part[0, P); the rare
+// passes for a NaN entry and for a rescaled gradient run here.
 template <typename S>
-compute_t<S> grad_coef(const S* g, int64_t n, compute_t<S>* part, compute_t<S> num, compute_t<S>& scale) {
+compute_t<S> grad_coef(const S* g, int64_t n, compute_t<S>* part, compute_t<S> num, compute_t<S>& scale, Dir& dir) {
   using T = compute_t<S>;
   const int64_t P = math::sum_chunks(n);
   T sumsq = math::chunk_tree(part, P);
+  dir = Dir::kClean;
+  if (sumsq != sumsq) {  // a NaN entry (an infinite one alone sums to inf)
+    dir = Dir::kNanToZero;
+    grad_sums<S, Dir::kNanToZero>(g, n, 0, P, T(1), part);
+    sumsq = math::chunk_tree(part, P);
+  }
   scale = T(1);
   if (math::l2_needs_rescale(sumsq)) {
     scale = math::l2_rescale(grad_max_abs<S>(g, n));
-    grad_sums<S, false>(g, n, 0, P, scale, part);
-    sumsq = math::chunk_tree(part, P);
+    if (scale != T(1)) {
+      dir = Dir::kScaled;
+      grad_sums<S, Dir::kScaled>(g, n, 0, P, scale, part);
+      sumsq = math::chunk_tree(part, P);
+    }
   }
   return math::l2_coef(num, sumsq);
 }
@@ -226,7 +302,9 @@ compute_t<S> grad_coef(const S* g, int64_t n, compute_t<S>* part, compute_t<S> n
 // Runs a row job: kPasses sums of squares (job.sums(pass, sample, c0, c1, part, kept) fills part[c0, c1)
 // of the sample's partials, job.finish(pass, sample, part) reads them), then job.write(sample, begin,
 // end, kept). `kept` is a buffer of the sample's n values when one thread runs the whole sample (else
-// null): a job may keep what its last pass computed there for the write.
+// null): a job may keep what its last pass computed there for the write. A job with kOverlap (its pass 0
+// is the gradient's sums) runs a thread's next sample's pass 0 inside this sample's pass 1
+// (job.sums_with_next(sample, part, kept, next_part)): the same sums, their add chains overlapped.
 template <class Job>
 void run_rows(Job& job, const Rows& rows) {
   using T = typename Job::T;
@@ -239,6 +317,17 @@ void run_rows(Job& job, const Rows& rows) {
       for (int64_t s = b; s < e; ++s) {
         T* ps = part.data() + s * P;
         for (int p = 0; p < Job::kPasses; ++p) {
+          if constexpr (Job::kOverlap) {
+            if (p == 0 && s > b) {  // summed with the previous sample's pass 1
+              job.finish(p, s, ps);
+              continue;
+            }
+            if (p == 1 && s + 1 < e) {
+              job.sums_with_next(s, ps, kept.data(), ps + P);
+              job.finish(p, s, ps);
+              continue;
+            }
+          }
           job.sums(p, s, 0, P, ps, kept.data());
           job.finish(p, s, ps);
         }
@@ -273,7 +362,8 @@ template <typename S>
 struct RowState {
   using T = compute_t<S>;
   std::vector<T> scale, coef, factor;
-  explicit RowState(int64_t N) : scale(N, T(1)), coef(N, T(0)), factor(N, T(1)) {}
+  std::vector<Dir> dir;
+  explicit RowState(int64_t N) : scale(N, T(1)), coef(N, T(0)), factor(N, T(1)), dir(N, Dir::kClean) {}
 };
 
 // step (kGrad) and project: [gradient sums,] d's sums, write.
@@ -281,6 +371,7 @@ template <typename S, bool kGrad>
 struct DeltaJob : RowState<S> {
   using T = compute_t<S>;
   static constexpr int kPasses = kGrad ? 2 : 1;
+  static constexpr bool kOverlap = kGrad;
   S* out;
   const S *xa, *g, *x;
   int64_t n;
@@ -293,15 +384,20 @@ struct DeltaJob : RowState<S> {
   void sums(int p, int64_t s, int64_t c0, int64_t c1, T* part, T* kept) const {
     const int64_t o = s * n;
     if (kGrad && p == 0) {
-      grad_sums<S, true>(g + o, n, c0, c1, T(1), part);
+      grad_sums<S, Dir::kClean>(g + o, n, c0, c1, T(1), part);
     } else {
       sample_delta_sums<S, kGrad>(xa + o, kGrad ? g + o : nullptr, x + o, n, c0, c1, this->coef[s], this->scale[s],
-                                  part, kept);
+                                  this->dir[s], part, kept);
     }
+  }
+  void sums_with_next(int64_t s, T* part, T* kept, T* part_next) const {
+    const int64_t o = s * n;
+    sample_delta_sums_with_next<S>(xa + o, g + o, x + o, n, this->coef[s], this->scale[s], this->dir[s], part, kept,
+                                   g + o + n, part_next);
   }
   void finish(int p, int64_t s, T* part) {
     if (kGrad && p == 0) {
-      this->coef[s] = grad_coef<S>(g + s * n, n, part, alpha[s], this->scale[s]);
+      this->coef[s] = grad_coef<S>(g + s * n, n, part, alpha[s], this->scale[s], this->dir[s]);
     } else {
       this->factor[s] = math::l2_factor(eps[s], math::chunk_tree(part, math::sum_chunks(n)));
     }
@@ -313,7 +409,7 @@ struct DeltaJob : RowState<S> {
       return;
     }
     sample_delta_write<S, kGrad>(out + o, xa + o, kGrad ? g + o : nullptr, x + o, e - b, this->coef[s],
-                                 this->scale[s], this->factor[s], lo, hi);
+                                 this->scale[s], this->dir[s], this->factor[s], lo, hi);
   }
 };
 
@@ -323,6 +419,7 @@ template <typename S>
 struct ApgdJob : RowState<S> {
   using T = compute_t<S>;
   static constexpr int kPasses = 3;
+  static constexpr bool kOverlap = true;
   S* out;
   const S *xa, *xp, *g, *x;
   int64_t n;
@@ -337,23 +434,31 @@ struct ApgdJob : RowState<S> {
   void sums(int p, int64_t s, int64_t c0, int64_t c1, T* part, T* kept) const {
     const int64_t o = s * n;
     if (p == 0) {
-      grad_sums<S, true>(g + o, n, c0, c1, T(1), part);
+      grad_sums<S, Dir::kClean>(g + o, n, c0, c1, T(1), part);
     } else if (p == 1) {
-      sample_delta_sums<S, true>(xa + o, g + o, x + o, n, c0, c1, this->coef[s], this->scale[s], part, kept);
+      sample_delta_sums<S, true>(xa + o, g + o, x + o, n, c0, c1, this->coef[s], this->scale[s], this->dir[s], part,
+                                 kept);
     } else {
       const T c = this->coef[s], sc = this->scale[s], f1 = step_factor[s];
-      if (kept) {  // d is in kept (pass 1 stored it), so the scale plays no part
-        momentum_sums<S, false, true>(xa + o, xp + o, g + o, x + o, n, c0, c1, c, sc, f1, m, m1, lo, hi, part, kept);
-      } else if (sc != T(1)) {
-        momentum_sums<S, true, false>(xa + o, xp + o, g + o, x + o, n, c0, c1, c, sc, f1, m, m1, lo, hi, part, nullptr);
-      } else {
-        momentum_sums<S, false, false>(xa + o, xp + o, g + o, x + o, n, c0, c1, c, sc, f1, m, m1, lo, hi, part, nullptr);
+      if (kept) {  // d is in kept (pass 1 stored it), so the gradient plays no part
+        momentum_sums<S, Dir::kClean, true>(xa + o, xp + o, g + o, x + o, n, c0, c1, c, sc, f1, m, m1, lo, hi, part,
+                                            kept);
+        return;
       }
+      with_dir(this->dir[s], [&](auto d) {
+        momentum_sums<S, decltype(d)::value, false>(xa + o, xp + o, g + o, x + o, n, c0, c1, c, sc, f1, m, m1, lo,
+                                                    hi, part, nullptr);
+      });
     }
+  }
+  void sums_with_next(int64_t s, T* part, T* kept, T* part_next) const {
+    const int64_t o = s * n;
+    sample_delta_sums_with_next<S>(xa + o, g + o, x + o, n, this->coef[s], this->scale[s], this->dir[s], part, kept,
+                                   g + o + n, part_next);
   }
   void finish(int p, int64_t s, T* part) {
     if (p == 0) {
-      this->coef[s] = grad_coef<S>(g + s * n, n, part, alpha[s], this->scale[s]);
+      this->coef[s] = grad_coef<S>(g + s * n, n, part, alpha[s], this->scale[s], this->dir[s]);
       return;
     }
     (p == 1 ? step_factor : this->factor)[s] = math::l2_factor(eps[s], math::chunk_tree(part, math::sum_chunks(n)));
@@ -365,11 +470,9 @@ struct ApgdJob : RowState<S> {
       return;
     }
     const T c = this->coef[s], sc = this->scale[s], f1 = step_factor[s], f2 = this->factor[s];
-    if (sc != T(1)) {
-      momentum_write<S, true>(out + o, xa + o, xp + o, g + o, x + o, e - b, c, sc, f1, m, m1, f2, lo, hi);
-    } else {
-      momentum_write<S, false>(out + o, xa + o, xp + o, g + o, x + o, e - b, c, sc, f1, m, m1, f2, lo, hi);
-    }
+    with_dir(this->dir[s], [&](auto d) {
+      momentum_write<S, decltype(d)::value>(out + o, xa + o, xp + o, g + o, x + o, e - b, c, sc, f1, m, m1, f2, lo, hi);
+    });
   }
 };
 
@@ -378,6 +481,7 @@ template <typename S>
 struct FgmJob : RowState<S> {
   using T = compute_t<S>;
   static constexpr int kPasses = 1;
+  static constexpr bool kOverlap = false;
   S* out;
   const S *x, *g;
   int64_t n;
@@ -387,12 +491,15 @@ struct FgmJob : RowState<S> {
       : RowState<S>(r.count), out(out), x(x), g(g), n(r.numel), eps(eps), lo(lo), hi(hi) {}
 
   void sums(int, int64_t s, int64_t c0, int64_t c1, T* part, T*) const {
-    grad_sums<S, true>(g + s * n, n, c0, c1, T(1), part);
+    grad_sums<S, Dir::kClean>(g + s * n, n, c0, c1, T(1), part);
   }
-  void finish(int, int64_t s, T* part) { this->coef[s] = grad_coef<S>(g + s * n, n, part, eps[s], this->scale[s]); }
+  void finish(int, int64_t s, T* part) {
+    this->coef[s] = grad_coef<S>(g + s * n, n, part, eps[s], this->scale[s], this->dir[s]);
+  }
   void write(int64_t s, int64_t b, int64_t e, const T*) const {
     const int64_t o = s * n + b;
-    sample_delta_write<S, true>(out + o, x + o, g + o, x + o, e - b, this->coef[s], this->scale[s], T(1), lo, hi);
+    sample_delta_write<S, true>(out + o, x + o, g + o, x + o, e - b, this->coef[s], this->scale[s], this->dir[s], T(1),
+                                lo, hi);
   }
 };
 
@@ -400,6 +507,7 @@ template <typename S>
 struct InitJob : RowState<S> {
   using T = compute_t<S>;
   static constexpr int kPasses = 1;
+  static constexpr bool kOverlap = false;
   S* out;
   const S* x;
   int64_t n;
