@@ -4,9 +4,11 @@
 //
 // Threads: with enough samples each thread takes whole samples and runs a sample's passes back to back,
 // so the second and third passes read what the first left in cache (from memory that is one sweep:
-// the step reads grad, then x_adv and x, and writes). With few samples every pass is split over the
-// chunks of all samples, the per-chunk partial sums kept in a buffer. Either way each chunk's partial
-// sum is the same, so the result does not depend on the thread count.
+// the step reads grad, then x_adv and x, and writes). The step and APGD's update sum the next sample's
+// gradient inside this sample's d pass (two independent add chains in one loop), and ask for the next
+// sample's rows before the write pass, which reads only cached data. With few samples every pass is
+// split over the chunks of all samples, the per-chunk partial sums kept in a buffer. Either way each
+// chunk's partial sum is the same, so the result does not depend on the thread count.
 #include <algorithm>
 #include <cmath>
 #include <type_traits>
