@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence, Union
 
 import torch
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -251,6 +252,12 @@ def plot_tradeoff(rows: Sequence[Mapping], path: PathLike, *, title: Optional[st
     """The accuracy-robustness trade-off: one point per model, clean accuracy against robust accuracy
     (AutoAttack's where the rows have it, else PGD's), labelled with the ε it was trained at. ``rows``: dicts
     with ``train_eps``, ``clean``, ``eval_eps`` and ``autoattack`` or ``pgd``."""
+    return _save(tradeoff_figure(rows, title=title), path)
+
+
+def tradeoff_figure(rows: Sequence[Mapping], *, title: Optional[str] = None) -> Figure:
+    """:func:`plot_tradeoff`'s figure. Models that land close together (the robust ones often do) get their
+    labels stacked so that no two overlap."""
     if not rows:
         raise ValueError("plot_tradeoff needs at least one row")
     fig = Figure(figsize=(6, 4.5))
@@ -260,13 +267,29 @@ def plot_tradeoff(rows: Sequence[Mapping], path: PathLike, *, title: Optional[st
     robust = [r[key] for r in rows]
     ax.plot(clean, robust, color="grey", linewidth=0.8, zorder=1)
     points = ax.scatter(clean, robust, c=[r["train_eps"] for r in rows], cmap="viridis", s=50, zorder=2)
-    for r in rows:
-        ax.annotate(f"ε={r['train_eps']:g}", (r["clean"], r[key]), textcoords="offset points", xytext=(6, 4),
-                    fontsize=8)
     fig.colorbar(points, ax=ax, label="training ε")
     ax.set_xlabel("clean accuracy")
     ax.set_ylabel(f"{'AutoAttack' if key == 'autoattack' else 'PGD'} accuracy at ε = {rows[0]['eval_eps']:g}")
     ax.grid(alpha=0.3)
     ax.set_title(title or "accuracy-robustness trade-off")
     fig.tight_layout()
-    return _save(fig, path)
+    _stacked_labels(fig, ax, [(r["clean"], r[key], f"ε={r['train_eps']:g}") for r in rows])
+    return fig
+
+
+def _stacked_labels(fig: Figure, ax, labels, dx: float = 6.0, dy: float = 4.0) -> None:
+    """Each (x, y, text) labelled dx, dy points right of and above its point, moved down in steps of its
+    own height (then up, if down leaves the axes) until its box meets no label placed before it."""
+    canvas = FigureCanvasAgg(fig)  # the final limits and the layout, so that text extents are in display units
+    canvas.draw()
+    renderer = canvas.get_renderer()
+    placed = []
+    for x, y, text in sorted(labels, key=lambda l: -l[1]):
+        note = ax.annotate(text, (x, y), textcoords="offset points", xytext=(dx, dy), fontsize=8)
+        height = note.get_window_extent(renderer).height * 72.0 / fig.dpi + 1.0
+        for k in [0] + [sign * step for step in range(1, 2 * len(labels) + 1) for sign in (-1, 1)]:
+            note.set_position((dx, dy + k * height))
+            box = note.get_window_extent(renderer)
+            if not any(box.overlaps(other) for other in placed):
+                break
+        placed.append(note.get_window_extent(renderer))
