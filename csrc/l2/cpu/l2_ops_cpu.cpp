@@ -322,6 +322,14 @@ T* kept_at(std::vector<T>& buf, const void* row) {
   return buf.data() + (((want - base) & 4095) & ~uintptr_t(63)) / sizeof(T);
 }
 
+// What an overlapped job's pass 1 of sample s reads beyond the gradient summed before it: x_adv, x and
+// the next sample's gradient (APGD's pass 2 reads x_prev too, from the cache by then).
+template <typename S>
+void prefetch_overlapped(const S* xa, const S* x, const S* g, int64_t n, int64_t s, int64_t count) {
+  if (s + 1 < count) prefetch_rows<S>(n, xa + s * n, x + s * n, g + (s + 1) * n);
+  else prefetch_rows<S>(n, xa + s * n, x + s * n);
+}
+
 // Runs a row job: kPasses sums of squares (job.sums(pass, sample, c0, c1, part, kept) fills part[c0, c1)
 // of the sample's partials, job.finish(pass, sample, part) reads them), then job.write(sample, begin,
 // end, kept). `kept` is a buffer of the sample's n values when one thread runs the whole sample (else
@@ -425,10 +433,7 @@ struct DeltaJob : RowState<S> {
                                    g + o + n, part_next);
   }
   // What sums_with_next(s) reads beyond its own sample's gradient (summed before).
-  void prefetch_next(int64_t s) const {
-    if (s + 1 < this->count()) prefetch_rows<S>(n, xa + s * n, x + s * n, g + (s + 1) * n);
-    else prefetch_rows<S>(n, xa + s * n, x + s * n);
-  }
+  void prefetch_next(int64_t s) const { prefetch_overlapped<S>(xa, x, g, n, s, this->count()); }
   void finish(int p, int64_t s, T* part) {
     if (kGrad && p == 0) {
       this->coef[s] = grad_coef<S>(g + s * n, n, part, alpha[s], this->scale[s], this->dir[s]);
@@ -491,10 +496,7 @@ struct ApgdJob : RowState<S> {
     sample_delta_sums_with_next<S>(xa + o, g + o, x + o, n, this->coef[s], this->scale[s], this->dir[s], part, kept,
                                    g + o + n, part_next);
   }
-  void prefetch_next(int64_t s) const {  // as DeltaJob's; pass 2 reads x_prev too (from the cache then)
-    if (s + 1 < this->count()) prefetch_rows<S>(n, xa + s * n, x + s * n, g + (s + 1) * n);
-    else prefetch_rows<S>(n, xa + s * n, x + s * n);
-  }
+  void prefetch_next(int64_t s) const { prefetch_overlapped<S>(xa, x, g, n, s, this->count()); }
   void finish(int p, int64_t s, T* part) {
     if (p == 0) {
       this->coef[s] = grad_coef<S>(g + s * n, n, part, alpha[s], this->scale[s], this->dir[s]);
