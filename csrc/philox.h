@@ -12,6 +12,16 @@
 
 #include <c10/macros/Macros.h>
 
+// RX_UNROLL before a loop with a constant trip count: unrolled fully, so that a loop around it (one
+// element per iteration) vectorizes -- GCC vectorizes no loop nest holding inner loops.
+#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
+#define RX_UNROLL _Pragma("unroll")
+#elif defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
+#define RX_UNROLL _Pragma("GCC unroll 16")
+#else
+#define RX_UNROLL
+#endif
+
 namespace robust_ext {
 namespace math {
 
@@ -31,11 +41,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE Philox4 philox4x32_10(uint64_t counter_lo, uin
                                                        uint32_t stream = 0) {
   uint32_t c0 = static_cast<uint32_t>(counter_lo), c1 = static_cast<uint32_t>(counter_lo >> 32);
   uint32_t c2 = stream, c3 = 0;
-#if defined(__CUDA_ARCH__) || defined(__HIP_DEVICE_COMPILE__)
-#pragma unroll
-#elif defined(__GNUC__) && !defined(__clang__) && !defined(__CUDACC__)
-#pragma GCC unroll 10
-#endif
+  RX_UNROLL
   for (int r = 0; r < kPhiloxRounds; ++r) {
     const uint64_t p0 = static_cast<uint64_t>(kPhiloxM0) * c0;
     const uint64_t p1 = static_cast<uint64_t>(kPhiloxM1) * c2;

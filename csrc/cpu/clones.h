@@ -4,7 +4,8 @@
 // ROBUST_EXT_CPU_ISA=avx2|baseline (setup.py) builds every loop for that one ISA instead (RX_ISA_V3,
 // RX_ISA_BASELINE), and leaves out the hand-written AVX-512 code: so that an AVX-512 machine can run the
 // code the other clones hold (.ci/check_isa.sh runs the kernel tests on both). RX_AVX512_CODE says
-// whether the hand-written AVX-512 paths are compiled.
+// whether the hand-written AVX-512 paths are compiled, RX_AVX2_CODE the AVX2 ones (all but the baseline
+// build).
 #pragma once
 
 #if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
@@ -17,6 +18,9 @@
 #else
 #define RX_CLONES __attribute__((target_clones("arch=x86-64-v4", "arch=x86-64-v3", "default")))
 #define RX_AVX512_CODE 1
+#endif
+#if !defined(RX_ISA_BASELINE)
+#define RX_AVX2_CODE 1
 #endif
 #else
 #define RX_CLONES

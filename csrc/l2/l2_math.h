@@ -187,7 +187,11 @@ template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE T log_unit(uint32_t w) {
   using B = Bits<T>;
   using U = typename B::U;
-  const T m = static_cast<T>(static_cast<int64_t>(w >> (32 - B::kUniform)) + 1);
+  // (k + 1) exactly: in 32-bit integers where it fits (float's 24 bits), which vectorize on AVX2 (no
+  // 64-bit integer conversions there).
+  T m;
+  if constexpr (B::kUniform < 31) m = static_cast<T>(static_cast<int32_t>(w >> (32 - B::kUniform)) + 1);
+  else m = static_cast<T>(static_cast<int64_t>(w >> (32 - B::kUniform)) + 1);
   const U bits = to_bits(m);
   int e = static_cast<int>(bits >> B::kMant) - B::kBias;
   U ybits = (bits & ((U(1) << B::kMant) - 1)) | B::kOne;
@@ -198,6 +202,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T log_unit(uint32_t w) {
   const T t = (y - T(1)) / (y + T(1));
   const T t2 = t * t;
   T p = static_cast<T>(1.0 / (2 * B::kLogTerms - 1));
+  RX_UNROLL
   for (int k = B::kLogTerms - 2; k >= 0; --k) p = p * t2 + static_cast<T>(1.0 / (2 * k + 1));
   return static_cast<T>(e - B::kUniform) * static_cast<T>(kLn2) + (t + t) * p;
 }
@@ -208,16 +213,19 @@ template <typename T>
 C10_HOST_DEVICE C10_ALWAYS_INLINE void sincos_turn(uint32_t w, T& c, T& s) {
   using B = Bits<T>;
   constexpr int kB = B::kUniform;
-  const uint64_t mask = (uint64_t{1} << kB) - 1;
-  const uint64_t k = ((w >> (32 - kB)) + (uint64_t{1} << (kB - 3))) & mask;
-  const int q = static_cast<int>(k >> (kB - 2));
-  const int64_t r = static_cast<int64_t>(k & ((uint64_t{1} << (kB - 2)) - 1)) - (int64_t{1} << (kB - 3));
+  // 32-bit integers throughout (kB <= 32: the sum wraps modulo 2^32, which the mask would do), so the
+  // loop vectorizes on AVX2.
+  const uint32_t mask = static_cast<uint32_t>((uint64_t{1} << kB) - 1);
+  const uint32_t k = ((w >> (32 - kB)) + (uint32_t{1} << (kB - 3))) & mask;
+  const int32_t q = static_cast<int32_t>(k >> (kB - 2));
+  const int32_t r = static_cast<int32_t>(k & ((uint32_t{1} << (kB - 2)) - 1)) - (int32_t{1} << (kB - 3));
   const T phi = static_cast<T>(r) * static_cast<T>(kPiHalf / static_cast<double>(uint64_t{1} << (kB - 2)));
   const T p2 = phi * phi;
   // sin: phi * sum_j (-1)^j phi^2j / (2j+1)!,  cos: sum_j (-1)^j phi^2j / (2j)!,  j < kTrigTerms
   constexpr int K = B::kTrigTerms;
   T ps = static_cast<T>(((K - 1) % 2 ? -1.0 : 1.0) / factorial(2 * K - 1));
   T pc = static_cast<T>(((K - 1) % 2 ? -1.0 : 1.0) / factorial(2 * K - 2));
+  RX_UNROLL
   for (int j = K - 2; j >= 0; --j) {
     ps = ps * p2 + static_cast<T>((j % 2 ? -1.0 : 1.0) / factorial(2 * j + 1));
     pc = pc * p2 + static_cast<T>((j % 2 ? -1.0 : 1.0) / factorial(2 * j));
@@ -254,6 +262,7 @@ C10_HOST_DEVICE C10_ALWAYS_INLINE T exp_neg(T y) {
   const T kf = std::floor(y * static_cast<T>(1.0 / kLn2) + T(0.5));
   const T r = (y - kf * B::kLn2Hi) - kf * B::kLn2Lo;
   T p = static_cast<T>(1.0 / factorial(B::kExpTerms - 1));
+  RX_UNROLL
   for (int j = B::kExpTerms - 2; j >= 0; --j) p = p * r + static_cast<T>(1.0 / factorial(j));
   return std::ldexp(p, static_cast<int>(kf));
 }
