@@ -84,9 +84,9 @@ __attribute__((target("avx2"))) void philox_blocks_avx2(uint64_t c_base, uint32_
         const __m256i e0 = _mm256_mul_epu32(c0[h], m0), o0 = _mm256_mul_epu32(_mm256_srli_epi64(c0[h], 32), m0);
         const __m256i e1 = _mm256_mul_epu32(c2[h], m1), o1 = _mm256_mul_epu32(_mm256_srli_epi64(c2[h], 32), m1);
         const __m256i hi0 = _mm256_blend_epi32(_mm256_srli_epi64(e0, 32), o0, 0xAA);
-        const __m256i lo0 = _mm256_blend_epi32(e0, _mm256_slli_epi64(o0, 32), 0xAA);
+        const __m256i lo0 = _mm256_mullo_epi32(c0[h], m0);
         const __m256i hi1 = _mm256_blend_epi32(_mm256_srli_epi64(e1, 32), o1, 0xAA);
-        const __m256i lo1 = _mm256_blend_epi32(e1, _mm256_slli_epi64(o1, 32), 0xAA);
+        const __m256i lo1 = _mm256_mullo_epi32(c2[h], m1);
         c0[h] = _mm256_xor_si256(_mm256_xor_si256(hi1, c1[h]), key0);
         c2[h] = _mm256_xor_si256(_mm256_xor_si256(hi0, c3[h]), key1);
         c1[h] = lo1;
