@@ -1,11 +1,16 @@
 """Strict JSON for the reports and logs: non-finite floats become the strings "inf", "-inf" and "nan"."""
 import math
 
+import torch
+
 NONFINITE = {"inf": math.inf, "-inf": -math.inf, "nan": math.nan}
 
 
 def encode(value):
-    """``value`` with every non-finite float as the string "inf", "-inf" or "nan", so that it is strict JSON."""
+    """``value`` with every non-finite float as the string "inf", "-inf" or "nan", so that it is strict JSON, and
+    a torch dtype (an attack's ``amp``) as its name, e.g. "torch.bfloat16"."""
+    if isinstance(value, torch.dtype):
+        return str(value)
     if isinstance(value, float) and not math.isfinite(value):
         return "nan" if math.isnan(value) else ("inf" if value > 0 else "-inf")
     if isinstance(value, dict):

@@ -335,7 +335,8 @@ def cmd_attack(args) -> int:
     gen = torch.Generator().manual_seed(args.seed)
     entry = get_attack(args.attack)
     # The flags the attack takes (fgsm has no steps, noise no alpha); PGD keeps every step's iterate.
-    given = {"steps": args.steps, "alpha": args.alpha, "restarts": args.restarts, "early_stop": False}
+    given = {"steps": args.steps, "alpha": args.alpha, "restarts": args.restarts, "early_stop": False,
+             "amp": args.amp}
     given = {k: v for k, v in given.items() if v is not None or k == "alpha"}  # the attack's own defaults
     params = entry.params(**{k: v for k, v in given.items() if k in entry.defaults})
     alpha = entry.alpha(args.eps, params)
@@ -362,6 +363,7 @@ def cmd_attack(args) -> int:
              "l2_max": l2.max().item()}
     result = {"model": args.model or args.model_factory, "data": args.data, "split": args.split, "n": len(x), "attack": args.attack,
               "norm": args.norm, "eps": args.eps, "alpha": alpha, "steps": params.get("steps", 1),
+              "amp": str(params.get("amp", False)),
               "clean_accuracy": correct.float().mean().item(), "robust_accuracy": robust.float().mean().item(),
               "success_rate": success_rate(int(correct.sum()), int(robust.sum())), "norms": norms,
               "nonfinite_logits": broken, "warnings": warnings}
@@ -389,7 +391,7 @@ def cmd_evaluate(args) -> int:
         aa = autoattack(model, ds, eps=args.eps, norm=args.norm, version=args.version, fuse=args.fuse, seed=args.seed,
                         progress=_progress(args), model_name=Path(args.model).name if args.model else args.model_factory,
                         data_name=args.data, clip_min=args.clip_min, clip_max=args.clip_max, state_path=args.out,
-                        return_adversarial=False)
+                        amp=args.amp, return_adversarial=False)
         if dist.is_available() and dist.is_initialized() and dist.get_rank() != 0:
             return 0  # one report, written by rank 0
         aa.to_json(Path(args.out) / "autoattack.json")
@@ -398,10 +400,10 @@ def cmd_evaluate(args) -> int:
         return 0
     specs = []
     for name in args.attacks.split(","):
+        given = {"steps": args.steps, "amp": args.amp if args.amp is not False else None}
         try:
-            specs.append(make_attack(name.strip(), steps=args.steps)
-                         if args.steps is not None and "steps" in _attack_params(name.strip())
-                         else make_attack(name.strip()))
+            specs.append(make_attack(name.strip(), **{k: v for k, v in given.items()
+                                                      if v is not None and k in _attack_params(name.strip())}))
         except ValueError as e:
             raise UsageError(f"--attacks: {e}") from None
     report = evaluate(model, ds, specs, eps=args.eps, norm=args.norm, fuse=args.fuse, min_eps=not args.no_min_eps, seed=args.seed,
@@ -520,6 +522,10 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
                        help="attack the model with its ReLU + max-pool and BatchNorm + ReLU on the fused layers "
                        "(default: on)")
+        a.add_argument("--amp", type=_amp, default=False,
+                       help="mixed precision inside the attacks that take it (all but noise, fab, fab_t): off "
+                       "(default, fp32) | auto (on a GPU or a CPU with native bf16) | on | bf16 | fp16; a point "
+                       "counts as fooled only after a full-precision forward confirms it")
         if name == "attack":
             a.add_argument("--attack", default="pgd", choices=tuple(ATTACKS), help="the attack (default: pgd)")
             a.add_argument("--eps", type=_number, default=0.1, help="budget, e.g. 0.1 or 8/255 (default: 0.1)")

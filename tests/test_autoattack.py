@@ -438,6 +438,11 @@ def test_cli_autoattack_writes_report_and_resumes(tmp_path, cheap_standard, caps
     capsys.readouterr()
     assert cli_main(argv[:-4] + ["--eps", "0.2", "--out", str(tmp_path / "out")]) == 2
     assert "ran with eps=[0.1]" in capsys.readouterr().err
+    assert first["config"]["amp"] == "False"
+    with warnings.catch_warnings():  # without native bf16 a warning says bf16 is slow here
+        warnings.simplefilter("ignore")
+        assert cli_main(argv[:-2] + ["--amp", "bf16", "--out", str(tmp_path / "bf16")]) == 0
+    assert json.loads((tmp_path / "bf16" / "autoattack.json").read_text())["config"]["amp"] == "torch.bfloat16"
 
 
 # ------------------------------------------------------------------------------------------ errors

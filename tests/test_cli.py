@@ -47,6 +47,51 @@ def test_evaluate_writes_report(tmp_path, checkpoint, capsys):
     assert (tmp_path / "accuracy_vs_eps.png").exists()
 
 
+AMP_FACTORY = """
+import torch
+from robust_ext.models import SmallCNN
+SEEN = []  # the autocast dtype (None: off) of every forward pass
+class Recording(SmallCNN):
+    def forward(self, x):
+        SEEN.append(torch.get_autocast_dtype("cpu") if torch.is_autocast_enabled("cpu") else None)
+        return super().forward(x)
+def build():
+    torch.manual_seed(0)
+    return Recording()
+"""
+
+
+@pytest.fixture
+def recording_model(tmp_path, monkeypatch):
+    """``amp_factory:build``: a CNN that records whether each forward pass ran under autocast, and in which dtype."""
+    (tmp_path / "amp_factory.py").write_text(AMP_FACTORY)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delitem(sys.modules, "amp_factory", raising=False)
+    yield
+    sys.modules.pop("amp_factory", None)
+
+
+@pytest.mark.filterwarnings("ignore:.*bfloat16")
+def test_amp_flag_reaches_the_attacks_and_the_reports(tmp_path, recording_model, capsys):
+    common = ["--model-factory", "amp_factory:build", "-n", "8", "--eps", "0.1", "--steps", "2"]
+    code, _, _ = run(capsys, "evaluate", *common, "--attacks", "pgd,fab", "--no-min-eps", "--out", "fp32")
+    seen = sys.modules["amp_factory"].SEEN
+    assert code == 0 and seen and set(seen) == {None}  # the default: fp32 throughout
+    params = {k: v["params"] for k, v in json.loads((tmp_path / "fp32" / "report.json").read_text())["attacks"].items()}
+    assert params["pgd"]["amp"] is False
+    seen.clear()
+    code, _, _ = run(capsys, "evaluate", *common, "--attacks", "pgd,fab", "--no-min-eps", "--amp", "bf16",
+                     "--out", "bf16")
+    assert code == 0 and torch.bfloat16 in seen
+    assert None in seen  # the full-precision confirmations (and FAB, which has no amp)
+    params = {k: v["params"] for k, v in json.loads((tmp_path / "bf16" / "report.json").read_text())["attacks"].items()}
+    assert params["pgd"]["amp"] == "torch.bfloat16" and "amp" not in params["fab"]
+    seen.clear()
+    code, _, _ = run(capsys, "attack", *common, "--attack", "apgd", "--amp", "fp16", "--out", "attack")
+    assert code == 0 and torch.float16 in seen
+    assert json.loads((tmp_path / "attack" / "attack.json").read_text())["amp"] == "torch.float16"
+
+
 @pytest.mark.parametrize("argv, message", [
     (["attack", "--model", "/nonexistent.pt", "--out", "{tmp}"], "--model /nonexistent.pt: no such file"),
     (["attack", "--model", "{ckpt}", "--data", "imagenet", "--out", "{tmp}"], "--data imagenet: unknown data set"),
@@ -62,6 +107,8 @@ def test_evaluate_writes_report(tmp_path, checkpoint, capsys):
     (["attack", "--model", "{ckpt}", "-n", "4", "--eps", "-1", "--out", "{tmp}"], "argument --eps: expected a finite number >= 0"),
     (["attack", "--model", "{ckpt}", "-n", "4", "--restarts", "0", "--out", "{tmp}"], "restarts must be"),
     (["evaluate", "--model", "{ckpt}", "-n", "4", "--eps", "-0.1", "--out", "{tmp}"], "argument --eps: expected a finite number >= 0"),
+    (["evaluate", "--model", "{ckpt}", "-n", "4", "--amp", "half", "--out", "{tmp}"],
+     "argument --amp: expected one of auto, off, on, bf16, fp16, got 'half'"),
 ])
 def test_user_errors_are_one_line(tmp_path, checkpoint, capsys, argv, message):
     garbage = tmp_path / "garbage.pt"
