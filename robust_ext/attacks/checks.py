@@ -119,7 +119,7 @@ def amp_dtype(amp, device_type: str):
 def _warn_slow_bf16():
     logging.getLogger("robust_ext").warning(
         "robust_ext: this CPU has no native bfloat16 convolutions (oneDNN: no AVX-512 BF16/AMX), so bf16 autocast "
-        "runs ATen's slow path, several times slower than float32; use amp=False here")
+        "runs ATen's slow path, several times slower than float32; use amp=False (--amp off from the CLI) here")
 
 
 def check_xy(x, y):
