@@ -399,11 +399,11 @@ def cmd_evaluate(args) -> int:
         print(f"\nwrote {args.out}/autoattack.json (resumable from {args.out}/autoattack_state.pt and chunks/)")
         return 0
     specs = []
-    for name in args.attacks.split(","):
-        given = {"steps": args.steps, "amp": args.amp if args.amp is not False else None}
+    flags = {"steps": args.steps, "amp": args.amp or None}  # None: the attack's own default
+    for name in (n.strip() for n in args.attacks.split(",")):
+        takes = _attack_params(name)
         try:
-            specs.append(make_attack(name.strip(), **{k: v for k, v in given.items()
-                                                      if v is not None and k in _attack_params(name.strip())}))
+            specs.append(make_attack(name, **{k: v for k, v in flags.items() if v is not None and k in takes}))
         except ValueError as e:
             raise UsageError(f"--attacks: {e}") from None
     report = evaluate(model, ds, specs, eps=args.eps, norm=args.norm, fuse=args.fuse, min_eps=not args.no_min_eps, seed=args.seed,
