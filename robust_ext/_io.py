@@ -7,7 +7,6 @@ before any work (:func:`check_out_dir`) and held by one writer at a time (:func:
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import secrets
 import tempfile
@@ -15,7 +14,7 @@ import threading
 from pathlib import Path
 from typing import IO, Any, Callable, Dict, Iterator, List, Union
 
-from ._json import encode
+from ._json import dumps
 
 PathLike = Union[str, "os.PathLike[str]"]
 
@@ -46,7 +45,7 @@ def atomic_write(path: PathLike, write: Callable[[IO[bytes]], Any]) -> Path:
 
 def write_json(path: PathLike, value: Any, indent: int = 2) -> Path:
     """``value`` as strict JSON (non-finite floats as "inf"/"-inf"/"nan", see ``_json``), atomically."""
-    text = json.dumps(encode(value), indent=indent, allow_nan=False) + "\n"
+    text = dumps(value, indent) + "\n"
     return atomic_write(path, lambda f: f.write(text.encode("utf-8")))
 
 

@@ -1,4 +1,5 @@
 """Strict JSON for the reports and logs: non-finite floats become the strings "inf", "-inf" and "nan"."""
+import json
 import math
 
 import torch
@@ -18,6 +19,11 @@ def encode(value):
     if isinstance(value, (list, tuple)):
         return [encode(v) for v in value]
     return value
+
+
+def dumps(value, indent=None, **kwargs) -> str:
+    """``value`` as strict JSON text (see :func:`encode`); ``kwargs`` go to :func:`json.dumps`."""
+    return json.dumps(encode(value), indent=indent, allow_nan=False, **kwargs)
 
 
 def decode(value):

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import logging
 import math
 import os
@@ -16,6 +15,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ._io import check_out_dir, run_dir_lock, write_json
+from ._json import dumps
 
 
 class UsageError(Exception):
@@ -229,7 +229,7 @@ def cmd_info(args) -> int:
     from . import backend, build_info
     from .data import available_datasets
 
-    print(json.dumps({"backend": backend(), "build": build_info(), "datasets": available_datasets()}, indent=2))
+    print(dumps({"backend": backend(), "build": build_info(), "datasets": available_datasets()}, indent=2))
     return 0
 
 
@@ -305,9 +305,8 @@ def cmd_train(args) -> int:
                        progress=_progress(args), resume=args.resume, clip_min=args.clip_min, clip_max=args.clip_max)
     except (ValueError, TypeError) as e:
         raise UsageError(str(e)) from None
-    print(json.dumps({"final": result.final, "best": str(result.best_path), "last": str(result.last_path),
-                      "stopped_early": result.stopped_early, "stop_reason": result.stop_reason}, indent=2,
-                     default=str))
+    print(dumps({"final": result.final, "best": str(result.best_path), "last": str(result.last_path),
+                 "stopped_early": result.stopped_early, "stop_reason": result.stop_reason}, indent=2, default=str))
     return 0
 
 
@@ -363,14 +362,14 @@ def cmd_attack(args) -> int:
              "l2_max": l2.max().item()}
     result = {"model": args.model or args.model_factory, "data": args.data, "split": args.split, "n": len(x), "attack": args.attack,
               "norm": args.norm, "eps": args.eps, "alpha": alpha, "steps": params.get("steps", 1),
-              "amp": str(params.get("amp", False)),
+              "amp": params.get("amp", False),
               "clean_accuracy": correct.float().mean().item(), "robust_accuracy": robust.float().mean().item(),
               "success_rate": success_rate(int(correct.sum()), int(robust.sum())), "norms": norms,
               "nonfinite_logits": broken, "warnings": warnings}
     torch.save({"x_adv": x_adv, "y": y, "clean_pred": clean_pred, "adv_pred": adv_pred}, out / "adversarial.pt")
     write_json(out / "attack.json", result)
     plot_adversarial_examples(model, x[:8], y[:8], x_adv[:8], out / "adversarial_examples.png")
-    print(json.dumps(result, indent=2))
+    print(dumps(result, indent=2))
     print("wrote " + ", ".join(str(out / f) for f in ("attack.json", "adversarial.pt", "adversarial_examples.png")),
           file=sys.stderr)
     return 0

@@ -438,7 +438,7 @@ def test_cli_autoattack_writes_report_and_resumes(tmp_path, cheap_standard, caps
     capsys.readouterr()
     assert cli_main(argv[:-4] + ["--eps", "0.2", "--out", str(tmp_path / "out")]) == 2
     assert "ran with eps=[0.1]" in capsys.readouterr().err
-    assert first["config"]["amp"] == "False"
+    assert first["config"]["amp"] is False  # JSON false, as evaluate's params.amp
     with warnings.catch_warnings():  # without native bf16 a warning says bf16 is slow here
         warnings.simplefilter("ignore")
         assert cli_main(argv[:-2] + ["--amp", "bf16", "--out", str(tmp_path / "bf16")]) == 0

@@ -34,6 +34,7 @@ def test_attack_writes_examples_and_report(tmp_path, checkpoint, capsys):
     assert report["n"] == 16 and saved["x_adv"].shape == (16, 1, 28, 28)
     assert report["norms"]["linf_max"] <= 0.1 + 1e-6
     assert report["robust_accuracy"] <= report["clean_accuracy"]
+    assert report["amp"] is False  # JSON false, as evaluate's params.amp and autoattack's config.amp
     assert (tmp_path / "adversarial_examples.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     assert json.loads(out)["attack"] == "pgd"
 

@@ -342,7 +342,7 @@ def _report(model, model_name, batches, version, specs, threat, grid, lo, hi, se
         fired.insert(0, nonfinite_message(clean["nonfinite"], n))
     config = {"model": model_info(model, model_name), "data": batches.describe(), "version": version,
               "attacks": [s.describe() for s in specs], "norm": threat.name, "eps": grid, "clip_min": lo,
-              "clip_max": hi, "seed": seed, "batch_size": batch_size, "amp": str(amp), "world_size": ctx.world_size,
+              "clip_max": hi, "seed": seed, "batch_size": batch_size, "amp": amp, "world_size": ctx.world_size,
               "device": str(dev) if dev is not None else "cpu", "resumed": state.resumed,
               "versions": {"robust_ext": robust_ext.__version__, "torch": torch.__version__,
                            "numpy": np.__version__, "python": platform.python_version()}}

@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
 from .._io import atomic_write
-from .._json import decode, encode
+from .._json import decode, dumps
 
 log = logging.getLogger(__name__)
 
@@ -48,7 +48,7 @@ class MetricsLog:
 
     def write(self, event: str, **fields: Any) -> None:
         record = {"event": event, "time": round(time.time(), 3), **fields}
-        self._file.write(json.dumps(encode(record), allow_nan=False) + "\n")
+        self._file.write(dumps(record) + "\n")
         self._file.flush()
 
     def close(self) -> None:
