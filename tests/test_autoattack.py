@@ -356,15 +356,18 @@ def registered(monkeypatch):
 
 
 @pytest.mark.parametrize("version, expected", [
+    # fra31/auto-attack: FAB without a final search, Square with resc_schedule=False, rand with every step run.
     ("standard", [("apgd-ce", "apgd", {"steps": 100, "restarts": 1, "loss": "ce"}),
                   ("apgd-t", "apgd_t", {"steps": 100, "restarts": 1, "n_target_classes": 9}),
-                  ("fab-t", "fab_t", {"steps": 100, "restarts": 1, "n_target_classes": 9}),
-                  ("square", "square", {"queries": 5000, "p_init": 0.8})]),
+                  ("fab-t", "fab_t", {"steps": 100, "restarts": 1, "n_target_classes": 9, "final_search": False}),
+                  ("square", "square", {"queries": 5000, "p_init": 0.8, "rescale_schedule": False})]),
     ("plus", [("apgd-ce", "apgd", {"restarts": 5, "loss": "ce"}), ("apgd-dlr", "apgd", {"restarts": 5, "loss": "dlr"}),
-              ("fab", "fab", {"restarts": 5}), ("square", "square", {"queries": 5000}),
-              ("apgd-t", "apgd_t", {"n_target_classes": 9}), ("fab-t", "fab_t", {"n_target_classes": 9})]),
-    ("rand", [("apgd-ce", "apgd", {"steps": 100, "restarts": 1, "loss": "ce", "eot": 20}),
-              ("apgd-dlr", "apgd", {"steps": 100, "restarts": 1, "loss": "dlr", "eot": 20})]),
+              ("fab", "fab", {"restarts": 5, "final_search": False}),
+              ("square", "square", {"queries": 5000, "rescale_schedule": False}),
+              ("apgd-t", "apgd_t", {"n_target_classes": 9}),
+              ("fab-t", "fab_t", {"n_target_classes": 9, "final_search": False})]),
+    ("rand", [("apgd-ce", "apgd", {"steps": 100, "restarts": 1, "loss": "ce", "eot": 20, "early_stop": False}),
+              ("apgd-dlr", "apgd", {"steps": 100, "restarts": 1, "loss": "dlr", "eot": 20, "early_stop": False})]),
 ])
 def test_versions_are_the_originals(registered, version, expected):
     got, specs = versions.resolve_ensemble(version, None)
@@ -384,7 +387,8 @@ def test_version_needs_its_attacks_registered(registered, monkeypatch):
 
 def test_a_setting_the_attack_cannot_take_is_an_error(monkeypatch):
     monkeypatch.setitem(ATTACKS, "square", AttackEntry("square", noise, {"draws": 1}))
-    monkeypatch.setitem(ATTACKS, "fab_t", AttackEntry("fab_t", noise, {"draws": 1, "steps": 1, "n_target_classes": 1}))
+    monkeypatch.setitem(ATTACKS, "fab_t", AttackEntry("fab_t", noise, {"draws": 1, "steps": 1, "n_target_classes": 1,
+                                                                    "final_search": False}))
     with pytest.raises(ValueError, match="runs square with queries=5000, but the registered attack 'square' takes no"):
         versions.resolve_ensemble("standard", None)
 

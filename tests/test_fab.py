@@ -15,6 +15,7 @@
   the file short.
 """
 import copy
+import importlib
 import itertools
 import math
 
@@ -277,9 +278,10 @@ def test_device_comes_from_the_inputs(digits, device):
     model, x, y = digits
     x, y = x[:32], y[:32]
     on_device = copy.deepcopy(model).to(device)
-    for norm in ("linf", "l2"):
+    # The generator's own device, and a CPU one for any device (what the evaluation hands every attack).
+    for norm, gen_device in (("linf", device), ("l2", device), ("linf", "cpu"), ("l2", "cpu")):
         x_adv = fab(on_device, x.to(device), y.to(device), eps=EPS[norm], norm=norm, steps=10, restarts=2,
-                    generator=torch.Generator(device).manual_seed(0))
+                    generator=torch.Generator(gen_device).manual_seed(0))
         assert x_adv.device == x.to(device).device
         assert (dist(x_adv.cpu(), x, P[norm]) <= EPS[norm] + 1e-6).all() and fooled(model, x_adv.cpu(), y).any()
 
@@ -335,7 +337,7 @@ def test_registry_and_evaluation(digits):
     from robust_ext.evaluation import evaluate
     model, x, y = digits
     assert A.ATTACKS["fab_t"].defaults == {"steps": 100, "restarts": 1, "n_target_classes": 9, "alpha_max": 0.1,
-                                           "eta": 1.05, "beta": 0.9, "early_stop": True}
+                                           "eta": 1.05, "beta": 0.9, "early_stop": True, "final_search": True}
     assert A.ATTACKS["fab"].defaults["steps"] == 100 and A.ATTACKS["fab"].defaults["restarts"] == 1
     report = evaluate(model, (x[:16], y[:16]), ["fab_t"], eps=[0.3, 0.8], norm="l2", min_eps=False, large_eps=None,
                       progress=False)
@@ -367,3 +369,21 @@ def test_bad_arguments_name_the_argument(digits, call, match):
     model, x, y = digits
     with pytest.raises(ValueError, match=match):
         call(model, x[:4], y[:4])
+
+
+@pytest.mark.parametrize("final_search", [True, False])
+def test_final_search_runs_only_when_asked(digits, monkeypatch, final_search):
+    """AutoAttack's FAB has no final search (its versions pass ``final_search=False``); fab's default runs it on
+    the points fooled only beyond eps."""
+    fab_module = importlib.import_module("robust_ext.attacks.fab")  # the package's name `fab` is the function
+    model, x, y = digits
+    x, y = x[:32], y[:32]
+    calls = []
+    real = fab_module._final_search
+    monkeypatch.setattr(fab_module, "_final_search", lambda *a: calls.append(a[1].shape[0]) or real(*a))
+    # A budget far below what FAB needs: it fools points only beyond it.
+    x_adv = fab(model, x, y, eps=0.01, norm="linf", steps=10, final_search=final_search, generator=gen())
+    assert bool(calls) == final_search and (not calls or calls[0] > 0)
+    assert (dist(x_adv, x, P["linf"]) <= 0.01 + 1e-6).all()
+    with pytest.raises(ValueError, match="final_search must be True or False"):
+        fab(model, x, y, eps=0.1, final_search="no")

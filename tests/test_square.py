@@ -97,6 +97,14 @@ def test_p_schedule_rescaled(n_queries, pieces):
     assert [p_selection(i, n_queries, 0.8) for i in range(n_queries)] == _expected_schedule(pieces)
 
 
+def test_p_schedule_as_autoattack_runs_it():
+    # AutoAttack builds its Square with resc_schedule=False: the 10,000-query breakpoints read at the query
+    # index itself, so 5000 queries end at p_init / 128 (after query 4000), never reaching 6000 and 8000.
+    pieces = [(0, 10, 1), (11, 50, 2), (51, 200, 4), (201, 500, 8), (501, 1000, 16), (1001, 2000, 32),
+              (2001, 4000, 64), (4001, 4999, 128)]
+    assert [p_selection(i, 5000, 0.8, rescale=False) for i in range(5000)] == _expected_schedule(pieces)
+
+
 @pytest.mark.parametrize("p, shape, linf, l2", [
     (0.8, (3, 32, 32), 29, 29),         # sqrt(819.2) = 28.6
     (0.05, (3, 32, 32), 7, 7),          # sqrt(51.2) = 7.16

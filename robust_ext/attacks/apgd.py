@@ -21,8 +21,9 @@ Differences from the reference, none of which changes what is computed for a sam
 * The random start is the threat model's (``threat.init``, uniform in the L-inf ball, from ``generator``); the
   reference draws a point at distance exactly ``eps`` from its global RNG.
 * ``early_stop=True`` (the default) drops a sample from the batch at its first fooling iterate and returns it:
-  the same robust accuracy as running every iteration, in less time. ``early_stop=False`` runs every
-  iteration and returns the last fooling iterate, as the reference.
+  the same robust accuracy as running every iteration, in less time, for a deterministic model. For a
+  randomized one, "fooled at one iterate" is one random draw: use ``early_stop=False`` (AutoAttack's ``rand``
+  version does), which runs every iteration and returns the last fooling iterate, as the reference.
 * A point never fooled comes back as the highest-loss point found (the reference returns the clean image).
 * The last iterate's gradient is not computed (nothing uses it), and nothing waits for the host between
   iterations but early stop's check of which samples leave (none without early stop).
@@ -306,7 +307,8 @@ def apgd(model, x, y, *, eps, steps=100, loss="ce", restarts=1, norm="linf", rho
         rho: the fraction of increasing steps below which the step halves (0.75).
         targeted: descend the loss towards ``y`` instead of ascending it away from ``y``.
         early_stop: a sample leaves the batch at its first fooling iterate and returns it (one host sync per
-            iteration); the robust accuracy is that of running every iteration.
+            iteration); for a deterministic model the robust accuracy is that of running every iteration (for
+            a randomized one pass ``False``: see the module docstring).
         amp: ``False``, ``True`` (bfloat16 on CPU, float16 on CUDA) or a dtype: autocast for the model; every
             "fooled" is confirmed by a full-precision forward.
         generator: a ``torch.Generator`` for the random starts.

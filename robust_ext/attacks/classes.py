@@ -182,12 +182,13 @@ class Square(Attack):
     _fn = staticmethod(square)
 
     def __init__(self, model, norm="linf", eps=8 / 255, n_queries=5000, restarts=1, p_init=0.8, loss="margin", *,
-                 targeted=False, early_stop=True, clip_min=0.0, clip_max=1.0, amp=False, generator=None, fuse=False):
+                 rescale_schedule=True, targeted=False, early_stop=True, clip_min=0.0, clip_max=1.0, amp=False,
+                 generator=None, fuse=False):
         checks.check_int(n_queries, "n_queries", 1)
         _check_p_init(p_init)
         super().__init__(model, norm=norm, eps=eps, n_queries=n_queries, restarts=restarts, p_init=p_init, loss=loss,
-                         targeted=targeted, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, amp=amp,
-                         generator=generator, fuse=fuse)
+                         rescale_schedule=rescale_schedule, targeted=targeted, early_stop=early_stop,
+                         clip_min=clip_min, clip_max=clip_max, amp=amp, generator=generator, fuse=fuse)
 
 
 class FAB(Attack):
@@ -201,11 +202,11 @@ class FAB(Attack):
     _fn = staticmethod(fab)
 
     def __init__(self, model, norm="linf", eps=8 / 255, steps=100, restarts=1, alpha_max=0.1, eta=1.05, beta=0.9, *,
-                 early_stop=True, clip_min=0.0, clip_max=1.0, generator=None, fuse=False):
+                 early_stop=True, final_search=True, clip_min=0.0, clip_max=1.0, generator=None, fuse=False):
         check_fab_params(alpha_max, eta, beta)
         super().__init__(model, norm=norm, eps=eps, steps=steps, restarts=restarts, alpha_max=alpha_max, eta=eta,
-                         beta=beta, early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, generator=generator,
-                         fuse=fuse)
+                         beta=beta, early_stop=early_stop, final_search=final_search, clip_min=clip_min,
+                         clip_max=clip_max, generator=generator, fuse=fuse)
 
 
 class FABT(Attack):
@@ -219,10 +220,11 @@ class FABT(Attack):
     _fn = staticmethod(fab_t)
 
     def __init__(self, model, norm="linf", eps=8 / 255, steps=100, restarts=1, *, n_target_classes=9,
-                 alpha_max=0.1, eta=1.05, beta=0.9, early_stop=True, clip_min=0.0, clip_max=1.0, generator=None,
-                 fuse=False):
+                 alpha_max=0.1, eta=1.05, beta=0.9, early_stop=True, final_search=True, clip_min=0.0, clip_max=1.0,
+                 generator=None, fuse=False):
         checks.check_int(n_target_classes, "n_target_classes", 1)
         check_fab_params(alpha_max, eta, beta)
         super().__init__(model, norm=norm, eps=eps, steps=steps, restarts=restarts,
                          n_target_classes=n_target_classes, alpha_max=alpha_max, eta=eta, beta=beta,
-                         early_stop=early_stop, clip_min=clip_min, clip_max=clip_max, generator=generator, fuse=fuse)
+                         early_stop=early_stop, final_search=final_search, clip_min=clip_min, clip_max=clip_max,
+                         generator=generator, fuse=fuse)

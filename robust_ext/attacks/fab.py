@@ -21,10 +21,12 @@ FAB looks for the *smallest* adversarial perturbation. The algorithm is the refe
 
 Beyond the AutoAttack version:
 
-* After each run, a point fooled only beyond ``eps`` gets the original FAB's final search (fra31/fab-attack,
-  ``linear_approximation_search``, 3 steps): on the segment from ``x`` to the adversarial example, the point
-  where the linear interpolation of the logits crosses the boundary, keeping the segment's adversarial end.
-  It only shortens adversarial perturbations, so it can only add fooled points.
+* ``final_search=True`` (the default of :func:`fab` and :func:`fab_t`; AutoAttack's ``standard``, ``plus`` and
+  ``rand`` versions run without it, as the reference does): after each run, a point fooled only beyond ``eps``
+  gets the original FAB's final search (fra31/fab-attack, ``linear_approximation_search``, 3 steps): on the
+  segment from ``x`` to the adversarial example, the point where the linear interpolation of the logits crosses
+  the boundary, keeping the segment's adversarial end. It only shortens adversarial perturbations, so it can
+  only add fooled points.
 * ``early_stop=True`` (the default): a point leaves the batch as soon as an adversarial example within ``eps``
   is found. FAB would go on shrinking it, but the point counts as fooled either way: the robust accuracy is that
   of running every iteration (``early_stop=False``), in less time.
@@ -86,12 +88,16 @@ def _boundary(model, x1, y, target, dual_p, dtype):
 
 
 def _start(x, eps, p, generator):
-    """The reference's random start: a random direction scaled to ``eps / 2`` in the norm (clipped later)."""
+    """The reference's random start: a random direction scaled to ``eps / 2`` in the norm (clipped later).
+
+    Drawn on ``generator``'s device (the evaluation hands every attack a CPU generator, whatever the model's
+    device), then moved to ``x``'s."""
+    where = x.device if generator is None else generator.device
     if p == math.inf:
-        t = torch.rand(x.shape, generator=generator, device=x.device, dtype=x.dtype).mul_(2).sub_(1)
+        t = torch.rand(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device).mul_(2).sub_(1)
         size = t.flatten(1).abs().amax(1)
     else:
-        t = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
+        t = torch.randn(x.shape, generator=generator, device=where, dtype=x.dtype).to(x.device)
         size = t.flatten(1).norm(dim=1)
     e = _view(eps, x) if isinstance(eps, torch.Tensor) else eps
     return x + e * t / _view(size, x) * 0.5
@@ -125,7 +131,8 @@ def _within(s):
     return s.best <= eps
 
 
-def _run(model, s, threat, p, dual_p, project, *, steps, alpha_max, eta, beta, lo, hi, early_stop, out, done):
+def _run(model, s, threat, p, dual_p, project, *, steps, alpha_max, eta, beta, lo, hi, early_stop, final_search,
+         out, done):
     """One FAB run on ``s``'s samples from its start ``s.x1``: each one fooled within eps leaves to ``out``."""
     dtype = out.dtype
     for _ in range(steps):
@@ -150,9 +157,8 @@ def _run(model, s, threat, p, dual_p, project, *, steps, alpha_max, eta, beta, l
             _leave(s, _within(s), out, done)  # early stop's host sync, once per iteration
             if s.rows.numel() == 0:
                 return
-    beyond = (s.best < math.inf) & ~_within(s)
-    idx = beyond.nonzero().squeeze(1)
-    if idx.numel():
+    idx = ((s.best < math.inf) & ~_within(s)).nonzero().squeeze(1) if final_search else None
+    if idx is not None and idx.numel():
         closer = _final_search(model, s.x0.index_select(0, idx), s.x_adv.index_select(0, idx).to(s.x0.dtype),
                                s.y.index_select(0, idx), dtype).to(dtype)
         s.x_adv.index_copy_(0, idx, closer)
@@ -189,7 +195,7 @@ def check_fab_params(alpha_max, eta, beta):
 
 
 def fab(model, x, y, *, eps, steps=100, restarts=1, targeted=False, n_target_classes=9, norm="linf",
-        alpha_max=0.1, eta=1.05, beta=0.9, early_stop=True, clip_min=0.0, clip_max=1.0,
+        alpha_max=0.1, eta=1.05, beta=0.9, early_stop=True, final_search=True, clip_min=0.0, clip_max=1.0,
         generator: Optional[torch.Generator] = None):
     """FAB (``targeted=False``) or FAB-T (``targeted=True``), Croce & Hein 2020, at budget ``eps``: see the module
     docstring for the algorithm.
@@ -208,7 +214,9 @@ def fab(model, x, y, *, eps, steps=100, restarts=1, targeted=False, n_target_cla
         alpha_max, eta, beta: the largest bias towards ``x`` (0.1), the overshoot (1.05), the backward step
             after a fooling iterate (0.9): the reference's defaults.
         early_stop: a point leaves the batch once fooled within ``eps`` (the same result, less time).
-        generator: a ``torch.Generator`` for the restarts' random starts.
+        final_search: after each run, the original FAB's final search on the points fooled only beyond
+            ``eps`` (it can only add fooled points); AutoAttack's FAB has none, and its versions turn it off.
+        generator: a ``torch.Generator`` for the restarts' random starts (a CPU one serves any device).
 
     Returns:
         ``x_adv``, detached: for a point fooled within ``eps`` the smallest adversarial example found (when
@@ -222,8 +230,9 @@ def fab(model, x, y, *, eps, steps=100, restarts=1, targeted=False, n_target_cla
     restarts = checks.check_int(restarts, "restarts", 1)
     n_target_classes = checks.check_int(n_target_classes, "n_target_classes", 1)
     alpha_max, eta, beta = check_fab_params(alpha_max, eta, beta)
-    if not isinstance(targeted, bool) or not isinstance(early_stop, bool):
-        raise ValueError(f"targeted and early_stop must be True or False, got {targeted!r} and {early_stop!r}")
+    for name, flag in (("targeted", targeted), ("early_stop", early_stop), ("final_search", final_search)):
+        if not isinstance(flag, bool):
+            raise ValueError(f"{name} must be True or False, got {flag!r}")
     out = x.clone()
     n = x.shape[0]
     if n == 0:
@@ -252,14 +261,16 @@ def fab(model, x, y, *, eps, steps=100, restarts=1, targeted=False, n_target_cla
                            best=torch.full((rows.numel(),), math.inf, dtype=torch.float64, device=x.device))
                 before = done.clone()
                 _run(model, s, threat, p, dual_p, project, steps=steps, alpha_max=alpha_max, eta=eta, beta=beta,
-                     lo=lo, hi=hi, early_stop=early_stop, out=out, done=done)
+                     lo=lo, hi=hi, early_stop=early_stop, final_search=final_search, out=out, done=done)
                 _confirm(model, x, y, out, done, (done & ~before).nonzero().squeeze(1))
     return out
 
 
 def fab_t(model, x, y, *, eps, steps=100, restarts=1, n_target_classes=9, norm="linf", alpha_max=0.1, eta=1.05,
-          beta=0.9, early_stop=True, clip_min=0.0, clip_max=1.0, generator: Optional[torch.Generator] = None):
-    """FAB-T: :func:`fab` with ``targeted=True`` (AutoAttack's ``fab-t``: 9 target classes, 100 steps, 1 restart)."""
+          beta=0.9, early_stop=True, final_search=True, clip_min=0.0, clip_max=1.0,
+          generator: Optional[torch.Generator] = None):
+    """FAB-T: :func:`fab` with ``targeted=True`` (AutoAttack's ``fab-t``: 9 target classes, 100 steps, 1 restart,
+    ``final_search=False``)."""
     return fab(model, x, y, eps=eps, steps=steps, restarts=restarts, targeted=True, n_target_classes=n_target_classes,
-               norm=norm, alpha_max=alpha_max, eta=eta, beta=beta, early_stop=early_stop, clip_min=clip_min,
-               clip_max=clip_max, generator=generator)
+               norm=norm, alpha_max=alpha_max, eta=eta, beta=beta, early_stop=early_stop, final_search=final_search,
+               clip_min=clip_min, clip_max=clip_max, generator=generator)

@@ -146,14 +146,14 @@ for _entry in (
                 summary="APGD-T (Croce & Hein 2020): APGD on the targeted DLR loss towards each of the 9 most "
                         "likely other classes"),
     AttackEntry("fab", fab, {"steps": 100, "restarts": 1, "alpha_max": 0.1, "eta": 1.05, "beta": 0.9,
-                             "early_stop": True},
+                             "early_stop": True, "final_search": True},
                 summary="FAB (Croce & Hein 2020): minimal adversarial examples by projections onto the linearized "
                         "boundary; fooled when found within eps"),
     AttackEntry("fab_t", fab_t, {"steps": 100, "restarts": 1, "n_target_classes": 9, "alpha_max": 0.1, "eta": 1.05,
-                                 "beta": 0.9, "early_stop": True},
+                                 "beta": 0.9, "early_stop": True, "final_search": True},
                 summary="FAB-T (Croce & Hein 2020): FAB towards each of the 9 most likely other classes"),
-    AttackEntry("square", square, {"n_queries": 5000, "p_init": 0.8, "loss": "margin", "restarts": 1,
-                                   "early_stop": True, "amp": False}, norms=("linf", "l2"),
+    AttackEntry("square", square, {"n_queries": 5000, "p_init": 0.8, "rescale_schedule": True, "loss": "margin",
+                                   "restarts": 1, "early_stop": True, "amp": False}, norms=("linf", "l2"),
                 summary="Square Attack (Andriushchenko et al. 2020): score-based random search over square windows, "
                         "5000 queries, margin loss; reads only the logits"),
 ):

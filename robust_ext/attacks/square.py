@@ -35,7 +35,8 @@ Differences from the reference, none of which changes how a sample's search is d
 * ``targeted=True`` descends ``loss`` towards the target ``y`` (the reference uses cross-entropy there).
 
 Kept from the reference on purpose: the window's offset is uniform in ``[0, h - s)`` (the last position is never
-drawn), the schedule is rescaled to ``n_queries`` by ``int(i / n_queries * 10000)``, the start counts as a
+drawn), the schedule is rescaled to ``n_queries`` by ``int(i / n_queries * 10000)`` (``rescale_schedule=True``,
+the reference's class default; AutoAttack's versions run it with ``False``), the start counts as a
 query, so a sample costs at most ``n_queries + 1`` forwards per restart (and one for the clean check). So is
 the L2 update's ill-conditioned case: when window 1's content is proportional to minus the pattern about to be
 added (an earlier query wrote that pattern there with the other sign), the new content cancels to rounding noise,
@@ -65,11 +66,13 @@ __all__ = ["square", "p_selection", "window_size", "square_pattern", "stripes_in
 _BREAKPOINTS = (10, 50, 200, 500, 1000, 2000, 4000, 6000, 8000)
 
 
-def p_selection(it: int, n_queries: int = 5000, p_init: float = 0.8) -> float:
+def p_selection(it: int, n_queries: int = 5000, p_init: float = 0.8, rescale: bool = True) -> float:
     """The fraction ``p`` of the image a window covers at query ``it`` (counted from 0) of ``n_queries``: the
     reference's schedule for 10,000 queries, halving ``p_init`` after queries 10, 50, 200, 500, 1000, 2000,
-    4000, 6000 and 8000 (``p_init / 512`` after the last), read at ``int(it / n_queries * 10000)``."""
-    scaled = int(it / n_queries * 10000)
+    4000, 6000 and 8000 (``p_init / 512`` after the last), read at ``int(it / n_queries * 10000)`` when
+    ``rescale`` (the reference's ``resc_schedule=True``, its class default), else at ``it`` (AutoAttack's
+    ensemble runs Square with ``resc_schedule=False``: at 5,000 queries it stops at ``p_init / 128``)."""
+    scaled = int(it / n_queries * 10000) if rescale else it
     halvings = sum(scaled > b for b in _BREAKPOINTS)
     return p_init / 2 ** halvings
 
@@ -255,8 +258,8 @@ def _leave(st, hit, out, done):
     st.keep(keep_cpu.to(hit.device), keep_cpu)
 
 
-def _restart(obj, threat, x, y, eps, rows, rows_cpu, n_total, gen, *, n_queries, p_init, lo, hi, early_stop,
-             out, done, best):
+def _restart(obj, threat, x, y, eps, rows, rows_cpu, n_total, gen, *, n_queries, p_init, rescale, lo, hi,
+             early_stop, out, done, best):
     """One run of the search on the samples ``rows`` (none fooled yet): a fooled sample's point goes to
     ``out`` and ``done`` is set; one not fooled gets its lowest-loss point in ``out`` when it beats ``best``."""
     n, c, h, w = x.shape
@@ -277,7 +280,7 @@ def _restart(obj, threat, x, y, eps, rows, rows_cpu, n_total, gen, *, n_queries,
             _leave(st, hit, out, done)
             if st.rows.numel() == 0:
                 return
-        s = window_size(p_selection(i, n_queries, p_init), (c, h, w), norm)
+        s = window_size(p_selection(i, n_queries, p_init, rescale), (c, h, w), norm)
         u = _draw(gen, n_total, (extra,), st.rows_cpu, x.device)
         x_new = threat.project_(propose(st.x, st.x_best, st.eps, s, u), st.x, st.eps, lo, hi)
         logits = obj.logits(x_new)
@@ -312,8 +315,9 @@ def _check_generator(generator):
         raise ValueError(f"generator must be a CPU torch.Generator or None, got {generator!r}")
 
 
-def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, loss="margin", restarts=1, norm="linf", targeted=False,
-           early_stop=True, clip_min=0.0, clip_max=1.0, amp=False, generator: Optional[torch.Generator] = None):
+def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, rescale_schedule=True, loss="margin", restarts=1,
+           norm="linf", targeted=False, early_stop=True, clip_min=0.0, clip_max=1.0, amp=False,
+           generator: Optional[torch.Generator] = None):
     """Square Attack, Andriushchenko et al. 2020, "Square Attack: a query-efficient black-box adversarial attack
     via random search": a random search over square-shaped changes that reads only the logits (see the module
     docstring for the algorithm and its differences from the reference).
@@ -326,6 +330,8 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, loss="margin", resta
         eps: a float >= 0, or a tensor with one value per sample.
         n_queries: queries per restart after the start (the reference's 5000); p_init: the first windows'
             fraction of the image (0.8); restarts: runs from new starts on the samples still robust.
+        rescale_schedule: read :func:`p_selection`'s 10,000-query schedule at ``i / n_queries * 10000`` (the
+            reference's class default); ``False`` reads it at ``i``, as AutoAttack's ensemble runs Square.
         loss: ``"margin"`` (the reference's default) or ``"ce"``, or another registered loss without a target.
         norm: ``"linf"`` or ``"l2"``.
         targeted: descend ``loss`` towards ``y``.
@@ -352,6 +358,8 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, loss="margin", resta
     n_queries = checks.check_int(n_queries, "n_queries", 1)
     restarts = checks.check_int(restarts, "restarts", 1)
     p_init = _check_p_init(p_init)
+    if not isinstance(rescale_schedule, bool):
+        raise ValueError(f"rescale_schedule must be True or False, got {rescale_schedule!r}")
     _check_generator(generator)
     out = x.clone()
     n = x.shape[0]
@@ -370,6 +378,6 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, loss="margin", resta
                 break
             rows = rows_cpu.to(x.device)
             _restart(obj, threat, xc.index_select(0, rows), y.index_select(0, rows), rows_of(eps, rows),
-                     rows, rows_cpu, n, gen, n_queries=n_queries, p_init=p_init, lo=lo, hi=hi,
-                     early_stop=early_stop, out=out, done=done, best=best)
+                     rows, rows_cpu, n, gen, n_queries=n_queries, p_init=p_init, rescale=rescale_schedule, lo=lo,
+                     hi=hi, early_stop=early_stop, out=out, done=done, best=best)
     return out
