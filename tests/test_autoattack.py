@@ -297,6 +297,20 @@ class Rounded(nn.Module):
         return self.model(torch.round(v * 4) / 4)
 
 
+class Purified(nn.Module):
+    """A test-time defense: one signed-gradient step on the input (computed in the forward) before classifying."""
+
+    def __init__(self, model):
+        super().__init__()
+        self.model = model
+
+    def forward(self, v):
+        with torch.enable_grad():
+            u = v.detach().requires_grad_(True)
+            g, = torch.autograd.grad(self.model(u).logsumexp(1).sum(), u)
+        return self.model(v - 0.01 * g.sign())
+
+
 def _checks(model, x, y, attacks=("apgd",), **kwargs):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -309,6 +323,7 @@ def _checks(model, x, y, attacks=("apgd",), **kwargs):
     (lambda m: nn.Sequential(m, nn.Softmax(1)), "softmax_output", "outputs are probabilities"),
     (Randomized, "randomized", "randomized defense, evaluate it with version='rand'"),
     (Rounded, "zero_gradient_points", "all-zero input gradient"),
+    (Purified, "dynamic", "it seems to be a dynamic defense"),
 ])
 def test_checks_fire_on_crafted_models(setup, wrap, check, message):
     model, x, y = setup

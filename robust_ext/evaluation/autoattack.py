@@ -51,6 +51,7 @@ __all__ = ["autoattack", "AutoAttackReport"]
 log = logging.getLogger("robust_ext.evaluation")
 
 _CHUNK = 5  # the key of the chunks' streams in _inputs.generator (the runner uses 0-3)
+DYNAMIC_POINTS = 8  # the dynamic check's one traced forward: a property of the model, not of the points
 
 
 def _digest(tensors) -> str:
@@ -103,10 +104,10 @@ def _settings(version, specs, threat, grid, lo, hi, seed, batch_size, x, y, mode
 
 def _clean_pass(model, x_all, y_all, dev, batch_size, ctx, comm_device, version):
     """Per point: correct, all-zero input gradient (of the correct ones), non-finite logits; the number of
-    classes; the softmax and randomized checks on the first chunk."""
+    classes; the softmax, randomized and dynamic checks on the first chunk."""
     n = len(y_all)
     correct, zero, broken = (torch.zeros(n, dtype=torch.int32) for _ in range(3))
-    flags = torch.zeros(3, dtype=torch.int32)  # softmax, randomized, classes
+    flags = torch.zeros(4, dtype=torch.int32)  # softmax, randomized, classes, dynamic
     for k, s in enumerate(range(0, n, batch_size)):
         if k % ctx.world_size != ctx.rank:
             continue
@@ -118,6 +119,7 @@ def _clean_pass(model, x_all, y_all, dev, batch_size, ctx, comm_device, version)
             flags[0] = int(checks.softmax_output(logits))
             flags[1] = int(version != "rand" and checks.randomized(model, x, y))
             flags[2] = logits.shape[1]
+            flags[3] = int(checks.dynamic(model, x[:DYNAMIC_POINTS]))
         correct[s:s + len(y)] = ok.cpu().int()
         broken[s:s + len(y)] = (~finite).cpu().int()
         if ok.any():
@@ -126,7 +128,8 @@ def _clean_pass(model, x_all, y_all, dev, batch_size, ctx, comm_device, version)
     correct, zero, broken, flags = (_reduce(t, ctx, comm_device) for t in (correct, zero, broken, flags))
     return {"correct": correct.bool(), "zero_gradient": int(zero.sum()), "flagged": zero.bool(),
             "nonfinite": int(broken.sum()),
-            "softmax_output": bool(flags[0]), "randomized": bool(flags[1]), "num_classes": int(flags[2])}
+            "softmax_output": bool(flags[0]), "randomized": bool(flags[1]), "num_classes": int(flags[2]),
+            "dynamic": bool(flags[3])}
 
 
 def _per_class(codes, y_all, attacks, num_classes):
@@ -144,7 +147,7 @@ def _per_class(codes, y_all, attacks, num_classes):
 def _flagged(clean: dict, n: int) -> torch.Tensor:
     """The points the checks flag: those with an all-zero input gradient at the clean pass, or every point when
     a check about the whole model fired."""
-    if clean["randomized"] or clean["softmax_output"] or clean["nonfinite"]:
+    if clean["randomized"] or clean["softmax_output"] or clean["nonfinite"] or clean.get("dynamic"):
         return torch.ones(n, dtype=torch.bool)
     return clean.get("flagged", torch.zeros(n, dtype=torch.bool))
 
@@ -335,7 +338,7 @@ def _report(model, model_name, batches, version, specs, threat, grid, lo, hi, se
                 issues.append(f"attack {spec.name!r} returned {out[spec.name]} misclassified points outside the "
                               f"eps = {e:.4g} ball or the bounds: not counted as fooled")
     check = {"zero_gradient_points": clean["zero_gradient"], "randomized": clean["randomized"],
-             "softmax_output": clean["softmax_output"], "black_box": black_box,
+             "softmax_output": clean["softmax_output"], "dynamic": clean.get("dynamic", False), "black_box": black_box,
              "nonfinite_logits": clean["nonfinite"]}
     fired = checks.messages(check, version)
     if clean["nonfinite"]:

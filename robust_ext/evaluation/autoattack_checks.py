@@ -1,8 +1,11 @@
 """The original AutoAttack's sanity checks (fra31/auto-attack ``checks.py``), each a reason to distrust an
-evaluation: a randomized model (use the ``rand`` version), probabilities instead of logits, points with an
-all-zero input gradient, and the black-box Square attack succeeding where the white-box attacks failed.
+evaluation: a randomized model (use the ``rand`` version), probabilities instead of logits, a forward pass that
+computes gradients itself (a dynamic defense), points with an all-zero input gradient, and the black-box Square
+attack succeeding where the white-box attacks failed.
 """
 from __future__ import annotations
+
+import sys
 
 import torch
 
@@ -11,6 +14,7 @@ SOFTMAX_TOL = 1e-5
 BLACK_BOX = ("square",)  # registry kinds that use no gradient
 BLACK_BOX_TOL = 0.002  # the original's alpha: a fraction of the points
 UNRELIABLE = "this evaluation may be unreliable"
+DYNAMIC_CALLS = frozenset({"grad", "backward", "_make_grads"})  # the original's: torch.autograd's entry points
 
 
 def randomized(model, x: torch.Tensor, y: torch.Tensor, draws: int = RANDOMIZED_DRAWS,
@@ -27,6 +31,29 @@ def randomized(model, x: torch.Tensor, y: torch.Tensor, draws: int = RANDOMIZED_
     return len(correct) > 1 or spread > tol
 
 
+def dynamic(model, x: torch.Tensor) -> bool:
+    """Does one forward of ``x`` call a Python function named as torch.autograd's entry points
+    (``torch.autograd.grad``, ``Tensor.backward``, ``_make_grads``)? The original's ``check_dynamic``: a model
+    that optimizes at test time (a dynamic defense) may need an adaptive attack beyond AutoAttack. Like the
+    original, it reads the names of the Python functions the forward calls (C++ and compiled code are not
+    seen), with gradients enabled as they are when an attack runs the model."""
+    seen = []
+
+    def trace(frame, event, arg):
+        if event == "call" and frame.f_code.co_name in DYNAMIC_CALLS:
+            seen.append(frame.f_code.co_name)
+        return None  # calls only, no line events
+
+    before = sys.gettrace()
+    sys.settrace(trace)
+    try:
+        with torch.enable_grad():
+            model(x)
+    finally:
+        sys.settrace(before)
+    return bool(seen)
+
+
 def softmax_output(logits: torch.Tensor, tol: float = SOFTMAX_TOL) -> bool:
     """Are the model's outputs probabilities (every row in [0, 1] summing to 1) rather than logits?"""
     out = logits.detach().float()
@@ -39,6 +66,9 @@ def messages(checks: dict, version: str) -> list:
     if checks.get("randomized"):
         out.append("the model's outputs differ between two forwards of the same inputs: it seems to be a randomized "
                    "defense" + (", evaluate it with version='rand' (EoT)" if version != "rand" else ""))
+    if checks.get("dynamic"):
+        out.append("the model's forward pass computes gradients (it calls torch.autograd): it seems to be a dynamic "
+                   "defense, and AutoAttack may not be enough; evaluate it with an adaptive attack too")
     if checks.get("softmax_output"):
         out.append("the model's outputs are probabilities (in [0, 1], rows summing to 1): the attacks need the "
                    "logits; pass the model without its softmax")

@@ -15,8 +15,8 @@ ensemble runs, in which order, with which settings; and APGD with Expectation ov
   Square (5,000 queries) where the checks call for it: on every point still robust when FAB-T fooled any
   point that both APGD attacks missed (the gradients mislead APGD somewhere: the original's black-box check
   is then needed), else only on the points the sanity checks flag (all-zero input gradient), or on every
-  point when a model-level check fires (randomized or softmax outputs, non-finite logits). It is checked
-  against ``standard`` (``benchmarks/bench_eval.py``, tests/test_autoattack_fast.py), never assumed equal;
+  point when a model-level check fires (randomized or softmax outputs, non-finite logits, a dynamic defense).
+  It is checked against ``standard`` (``benchmarks/bench_eval.py``, tests/test_autoattack_fast.py), never assumed equal;
   where Square has to run everywhere it costs about as much as ``standard``'s Square.
 
 Each attack is a registry entry (:mod:`robust_ext.attacks.registry`); a version whose attack is not
