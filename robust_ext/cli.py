@@ -72,6 +72,17 @@ def _floats(text: str) -> List[float]:
     return values
 
 
+def _seed(text: str) -> int:
+    """A seed torch.Generator.manual_seed takes the same way everywhere: an integer in [0, 2**63)."""
+    try:
+        value = int(text.strip())
+    except ValueError:
+        value = -1
+    if not 0 <= value < 2 ** 63:
+        raise argparse.ArgumentTypeError(f"expected an integer in [0, 2**63), got {text.strip()!r}")
+    return value
+
+
 def _positive_int(text: str) -> int:
     try:
         value = int(text.strip())
@@ -164,22 +175,27 @@ def _normalized(model, args):
 
 
 def _check_model(model, ds, flag: str):
-    """The model takes the data's images and returns logits for every class its labels hold."""
+    """The model takes the data's images and returns floating-point logits for every class its labels hold.
+    The probe runs in eval mode (BatchNorm statistics untouched) and leaves the model's mode as it was."""
     import torch
 
+    from .attacks.core import eval_mode
     from .models import Normalized
 
     x, labels = ds[0][0].unsqueeze(0), ds.tensors[1]
     if isinstance(model, Normalized) and model.mean.numel() not in (1, x.shape[1]):
         raise UsageError(f"--mean/--std: {model.mean.numel()} values, but the images have {x.shape[1]} channel(s)")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), eval_mode(model):
             out = model(x)
     except Exception as e:  # the architecture refuses these images (channels, size)
         raise UsageError(f"{flag}: the model does not accept this data set's images "
                          f"(shape {list(x.shape[1:])}): {e}") from None
-    if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        raise UsageError(f"{flag}: the model does not return [N, classes] logits")
+    if not isinstance(out, torch.Tensor) or out.dim() != 2 or out.shape[0] != 1:
+        raise UsageError(f"{flag}: the model does not return [N, classes] logits (for 1 image: "
+                         f"{list(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__})")
+    if not out.is_floating_point():
+        raise UsageError(f"{flag}: the model returns {out.dtype} outputs; the attacks need floating-point logits")
     if out.shape[1] <= int(labels.max()):
         raise UsageError(f"{flag}: the model returns {out.shape[1]} logits, the data's labels go up to "
                          f"{int(labels.max())}")
@@ -188,7 +204,7 @@ def _check_model(model, ds, flag: str):
 
 def _load_model(args, ds):
     """--model (a checkpoint, or a torch.export .pt2 archive) or --model-factory [--weights], normalized by
-    --mean/--std when given, checked against the data."""
+    --mean/--std when given, checked against the data, in eval mode (attack and evaluate predict with it)."""
     from .checkpoints import load_exported
     from .models import load_model
 
@@ -197,7 +213,7 @@ def _load_model(args, ds):
         raise UsageError("--model and --model-factory exclude each other" if path is not None else
                          "give --model FILE (a checkpoint or a torch.export .pt2) or --model-factory pkg.module:function")
     if path is None:
-        return _check_model(_factory_model(args), ds, "--model-factory")
+        return _check_model(_factory_model(args), ds, "--model-factory").eval()
     if args.weights is not None:
         raise UsageError("--weights goes with --model-factory (a --model file holds its weights)")
     if not Path(path).is_file():
@@ -206,7 +222,7 @@ def _load_model(args, ds):
         model = load_exported(path) if Path(path).suffix == ".pt2" else load_model(path)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--model {path}: {e}") from None
-    return _check_model(_normalized(model, args), ds, f"--model {path}")
+    return _check_model(_normalized(model, args), ds, f"--model {path}").eval()
 
 
 def _holding_out(command):
@@ -256,6 +272,8 @@ def cmd_demo(args) -> int:
 def cmd_tradeoff(args) -> int:
     from .demo import run_tradeoff
 
+    if len(set(args.eps)) != len(args.eps):
+        raise UsageError(f"--eps: each training eps once, got {','.join(f'{e:g}' for e in args.eps)}")
     check_out_dir(args.out)
     summary = run_tradeoff(args.out, eps_values=args.eps, eval_eps=args.eval_eps, epochs=args.epochs, amp=args.amp,
                            seed=args.seed, progress=_progress(args), n_test=args.n)
@@ -299,6 +317,7 @@ def cmd_train(args) -> int:
             except (ValueError, TypeError) as e:
                 raise UsageError(f"--arch {arch} cannot take the {channels}x{height}x{width} images of --data "
                                  f"{args.data}: {e}") from None
+            model = _check_model(model, train_set, f"--arch {arch}")  # and --mean/--std against the channels
     try:
         result = train(model, train_set, test_set, method=args.method, norm=args.norm, fuse=args.fuse, epochs=args.epochs, eps=args.eps,
                        lr=args.lr, batch_size=args.batch_size, amp=args.amp, seed=args.seed, out_dir=args.out,
@@ -321,8 +340,6 @@ def cmd_attack(args) -> int:
 
     if args.batch_size < 1:
         raise UsageError(f"--batch-size must be >= 1, got {args.batch_size}")
-    if args.steps is not None and args.steps < 1:
-        raise UsageError(f"--steps must be >= 1, got {args.steps}")
     out = check_out_dir(args.out)
     ds = _load_data(args, args.split)
     model = _load_model(args, ds)
@@ -380,9 +397,14 @@ def cmd_evaluate(args) -> int:
     from .evaluation import evaluate, make_attack
 
     check_out_dir(args.out)
+    names = [n.strip() for n in args.attacks.split(",") if n.strip()]
+    if not names:
+        raise UsageError("--attacks: give one or more attack names (robust-ext evaluate --help lists them)")
+    if "autoattack" in names and len(names) > 1:
+        raise UsageError(f"--attacks: autoattack runs alone (its attack list is --version's), got {args.attacks!r}")
     ds = _load_data(args, args.split)
     model = _load_model(args, ds)
-    if args.attacks.strip() == "autoattack":
+    if names == ["autoattack"]:
         import torch.distributed as dist
 
         from .evaluation import autoattack
@@ -399,7 +421,7 @@ def cmd_evaluate(args) -> int:
         return 0
     specs = []
     flags = {"steps": args.steps, "amp": args.amp or None}  # None: the attack's own default
-    for name in (n.strip() for n in args.attacks.split(",")):
+    for name in names:
         takes = _attack_params(name)
         try:
             specs.append(make_attack(name, **{k: v for k, v in flags.items() if v is not None and k in takes}))
@@ -459,7 +481,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--amp", type=_amp, default="auto",
                    help="auto (default: bf16 autocast on a CPU with native bf16 convolutions, fp16 on CUDA, else "
                    "fp32) | on | off (fp32) | bf16 | fp16")
-    d.add_argument("--seed", type=int, default=0, help="data order, initialization and attacks' random starts")
+    d.add_argument("--seed", type=_seed, default=0, help="data order, initialization and attacks' random starts")
     d.add_argument("--quick", action="store_true",
                    help="a short run (1,000 training digits, 2 epochs, AutoAttack on 50) for smoke tests")
     d.add_argument("--aa-points", type=_positive_int, default=200,
@@ -474,7 +496,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("-n", type=_positive_int, default=200,
                    help="test digits to evaluate with PGD-20 and AutoAttack (fast) (default: 200)")
     t.add_argument("--amp", type=_amp, default="auto", help="auto (default: as demo) | on | off | bf16 | fp16")
-    t.add_argument("--seed", type=int, default=0, help="data order, initialization and attacks' random starts")
+    t.add_argument("--seed", type=_seed, default=0, help="data order, initialization and attacks' random starts")
 
     tr = sub.add_parser("train", help="train a model (standard, fgsm_rs or pgd) on a data set")
     tr.add_argument("--data", default="mnist5k", help=_DATA_HELP)
@@ -494,7 +516,7 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--batch-size", type=int, default=128, help="images per training batch")
     tr.add_argument("--amp", type=_amp, default=False,
                     help="off (default: fp32) | auto | on (bf16 autocast on CPU, fp16 on CUDA) | bf16 | fp16")
-    tr.add_argument("--seed", type=int, default=0, help="initialization, data order and attacks' random starts: "
+    tr.add_argument("--seed", type=_seed, default=0, help="initialization, data order and attacks' random starts: "
                     "the same command and thread count give the same weights")
     tr.add_argument("--out", required=True, help="run directory: checkpoints last.pt/best.pt, metrics.jsonl, "
                     "curves.png (one writer at a time)")
@@ -512,10 +534,10 @@ def build_parser() -> argparse.ArgumentParser:
         a.add_argument("--split", default=None, help="train, test or all (default: all of file:/folder: data, "
                        "else test)")
         a.add_argument("-n", type=int, default=None, help="use the first N samples")
-        a.add_argument("--steps", type=int, default=None,
+        a.add_argument("--steps", type=_positive_int, default=None,
                        help="iterations of the iterative attacks (default: each attack's own, e.g. pgd/bim 10, "
                        "apgd 100)")
-        a.add_argument("--seed", type=int, default=0, help="the attacks' random starts")
+        a.add_argument("--seed", type=_seed, default=0, help="the attacks' random starts")
         a.add_argument("--out", required=True, help="output directory (one writer at a time)")
         a.add_argument("--norm", default="linf", choices=norms, help="threat model (default: linf)")
         a.add_argument("--fuse", action=argparse.BooleanOptionalAction, default=True,
@@ -530,7 +552,8 @@ def build_parser() -> argparse.ArgumentParser:
             a.add_argument("--eps", type=_number, default=0.1, help="budget, e.g. 0.1 or 8/255 (default: 0.1)")
             a.add_argument("--alpha", type=_number, default=None,
                            help="step of fgsm_rs/bim/pgd (default: the attack's rule, e.g. 2.5 * eps / steps)")
-            a.add_argument("--restarts", type=int, default=1, help="random restarts (pgd, apgd), the worst case kept")
+            a.add_argument("--restarts", type=_positive_int, default=1,
+                           help="random restarts (pgd, apgd), the worst case kept")
             a.add_argument("--batch-size", type=int, default=256, help="images per attack call")
         else:
             a.add_argument("--attacks", default="fgsm,pgd", help=f"comma-separated, of {', '.join(ATTACKS)} "

@@ -37,6 +37,7 @@ log = logging.getLogger("robust_ext.fuse")
 
 _BN = (nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d)
 _RELU_FUNCTIONS = (F.relu, torch.relu, torch.nn.functional.relu)
+_FRESH = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear, *_BN)  # modules whose output is a new tensor
 
 
 @dataclass
@@ -79,10 +80,19 @@ def _pair(v, n):
 def _is_relu(node: fx.Node, modules) -> bool:
     if node.op == "call_module":
         m = modules[node.target]
-        return type(m) is nn.ReLU and not _hooked(m)
+        return type(m) is nn.ReLU and not _hooked(m) and (not m.inplace or _private_input(node, modules))
     if node.op == "call_function":
         return node.target in _RELU_FUNCTIONS and len(node.args) == 1 and not node.kwargs.get("inplace", False)
     return node.op == "call_method" and node.target == "relu" and len(node.args) == 1 and not node.kwargs
+
+
+def _private_input(node: fx.Node, modules) -> bool:
+    """An in-place ReLU's input is a fresh tensor (a convolution's, linear layer's or BatchNorm's output, not a
+    view of anything) read by nothing else: then the fused layer, which leaves its input as it is, changes no
+    value another part of the model reads."""
+    src = node.args[0] if node.args else None
+    return (isinstance(src, fx.Node) and len(src.users) == 1 and src.op == "call_module"
+            and type(modules[src.target]) in _FRESH)
 
 
 def _is_pool2(node: fx.Node, modules) -> bool:

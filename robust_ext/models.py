@@ -275,7 +275,7 @@ def import_factory(spec: str) -> Callable[[], nn.Module]:
         target: Any = importlib.import_module(module_name)
     except ModuleNotFoundError as e:
         raise ValueError(f"cannot import {module_name!r}: {e}") from None
-    except Exception as e:  # the module's own code failed
+    except (Exception, SystemExit) as e:  # the module's own code failed (or exited)
         raise ValueError(f"importing {module_name!r} raised {type(e).__name__}: {e}") from e
     for name in attribute.split("."):
         if not hasattr(target, name):
@@ -297,7 +297,7 @@ def from_factory(spec: str) -> nn.Module:
     factory = import_factory(spec)
     try:
         model = factory()
-    except Exception as e:
+    except (Exception, SystemExit) as e:  # SystemExit: a factory that calls exit() must not end the caller
         raise ValueError(f"calling {spec} raised {type(e).__name__}: {e}") from e
     if not isinstance(model, nn.Module):
         raise ValueError(f"{spec} returned a {type(model).__name__}, expected a torch.nn.Module")

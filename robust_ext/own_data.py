@@ -115,14 +115,17 @@ def _read_folder(directory: Path) -> Tuple[np.ndarray, np.ndarray]:
         rows = [r for r in csv.reader(io.StringIO(labels_csv.read_text(encoding="utf-8"))) if r]
     except (UnicodeDecodeError, csv.Error) as e:
         raise ValueError(f"{labels_csv}: unreadable CSV: {e}") from None
-    if rows and len(rows[0]) == 2 and not rows[0][1].strip().isdigit():
-        rows = rows[1:]  # a header such as filename,label
+    first = 1
+    if rows and len(rows[0]) == 2 and rows[0][1].strip().replace("_", "").isalpha() and rows[0][1].isascii():
+        rows, first = rows[1:], 2  # a header such as filename,label (a word: a bad label such as -1 is no header)
     if not rows:
         raise ValueError(f"{labels_csv}: no filename,label rows")
     root, names, labels = directory.resolve(), [], []
-    for i, row in enumerate(rows, 1):
-        if len(row) != 2 or not row[1].strip().isdigit():
-            raise ValueError(f"{labels_csv}: row {i} is {row!r}, expected filename,label (an integer >= 0)")
+    for i, row in enumerate(rows, first):
+        label = row[1].strip() if len(row) == 2 else ""
+        if not (label.isascii() and label.isdigit() and int(label) < MAX_CLASSES):
+            raise ValueError(f"{labels_csv}: row {i} is {row!r}, expected filename,label (an integer label in "
+                             f"0..{MAX_CLASSES - 1})")
         file = (directory / row[0].strip()).resolve()
         if not file.is_relative_to(root):
             raise ValueError(f"{labels_csv}: row {i} names {row[0]!r}, outside {directory}")

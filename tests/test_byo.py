@@ -145,7 +145,10 @@ def test_folder_errors(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match="labels.csv"):
         data.load_dataset(name)
     for rows, message in (("a.png,0\nb.png,1\n", "unlike the first image's"), ("../secret.png,0\n", "outside"),
-                          ("filename,label\na.png,cat\n", r"row 1 is .*expected filename,label \(an integer"), ("c.png,0\n", "does not exist"),
+                          ("filename,label\na.png,cat\n", r"row 2 is .*expected filename,label \(an integer"), ("c.png,0\n", "does not exist"),
+                          # a bad label in the first row is an error, not a header to skip
+                          ("a.png,-1\nb.png,2\n", "row 1 is"), ("a.png,3.0\nb.png,2\n", "row 1 is"),
+                          ("a.png,\u00b2\n", "row 1 is"), ("a.png,99999999999999999999999\n", r"row 1 .*0\.\.65535"),
                           ("a.png,0\nlabels.csv,1\n", "not a readable image")):
         (folder / "labels.csv").write_text(rows)
         with pytest.raises((ValueError, FileNotFoundError), match=message):

@@ -78,6 +78,35 @@ def test_a_plain_cnn_fuses_exactly():
     assert type(model[1]) is nn.ReLU and type(model[2]) is nn.MaxPool2d  # the original is not changed
 
 
+class SharedInplace(nn.Module):
+    """An in-place ReLU whose input another branch also reads (it sees the ReLU's output, in place)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.relu, self.pool = nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)
+        self.fc = nn.Linear(4 * 14 * 14 * 2, 10)
+
+    def forward(self, x):
+        h = self.conv(x)
+        p = self.pool(self.relu(h))
+        return self.fc(torch.cat([p, F.max_pool2d(h, 2)], 1).flatten(1))
+
+
+def test_an_inplace_relu_fuses_only_where_nothing_else_reads_its_input():
+    # Before: the fused layer left h unchanged where the in-place ReLU had changed it: other logits.
+    torch.manual_seed(0)
+    shared = SharedInplace().eval()
+    fused, report = fuse(shared, return_report=True)
+    assert not report.fused
+    x = torch.rand(4, 1, 28, 28)
+    torch.testing.assert_close(fused(x), shared(x), rtol=0, atol=0)
+    torch.manual_seed(0)
+    private = nn.Sequential(nn.Conv2d(1, 4, 3, padding=1), nn.ReLU(inplace=True), nn.MaxPool2d(2)).eval()
+    fused, report = fuse(private, return_report=True)
+    assert [k for _, k in report.fused] == ["ReLU + max_pool2d(2)"]
+    torch.testing.assert_close(fused(x), private(x), rtol=0, atol=0)
+
+
 def test_batchnorm_relu_fuses_unless_the_relu_feeds_a_pool():
     model = plain_cnn(bn=True)
     fused, report = fuse(model, return_report=True)

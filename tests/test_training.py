@@ -6,6 +6,7 @@ import json
 import logging
 import math
 import os
+import re
 import socket
 import subprocess
 import sys
@@ -143,6 +144,16 @@ def test_guard_stops_training_and_keeps_the_best(tiny, tmp_path, monkeypatch, ca
     again = train(worker.fresh_model(1), tiny, None, cfg, resume=True)
     assert again.epochs_completed == 3 and again.stop_reason == result.stop_reason
     assert _equal_weights(load_model(result.last_path).state_dict(), weights[3])
+
+
+def test_a_diverged_run_stops_whatever_the_method(tiny, tmp_path):
+    # Before: --lr 1e30 trained every epoch on NaN weights and saved them as the best model (robust accuracy
+    # 0.10: a NaN model predicts class 0), with no word.
+    result = train(worker.fresh_model(), tiny, None, method="standard", epochs=3, batch_size=64, lr=1e30,
+                   progress=False, plot=False, eval_samples=8, out_dir=str(tmp_path))
+    assert result.stopped_early and result.epochs_completed == 1
+    assert re.match(r"diverged: the training loss is (nan|inf) at epoch 1", result.stop_reason)
+    assert result.history[0]["collapsed"] and result.best_epoch is None
 
 
 # ------------------------------------------------------------------------------------------ learning

@@ -259,7 +259,12 @@ def apgd_loop(model, x, y, eps, obj, threat, lo, hi, *, steps, rho, restarts, ea
     ``obj`` needs :class:`~robust_ext.attacks.core.Objective`'s ``grad``, ``success`` and ``confirmed``."""
     steps = checks.check_int(steps, "steps", 1)
     restarts = checks.check_int(restarts, "restarts", 1)
+    early_stop = checks.check_bool(early_stop, "early_stop")
     rho = _check_rho(rho)
+    largest = float(eps.max()) if isinstance(eps, torch.Tensor) and eps.numel() else float(eps or 0.0)
+    if largest > checks.MAX_BUDGET / 2:  # one host read per call
+        raise ValueError(f"eps must be <= {checks.MAX_BUDGET / 2:.4g} for APGD, whose first step is 2 eps, got "
+                         f"{largest:.4g}")
     out = x.clone()
     n = x.shape[0]
     if n == 0:

@@ -23,12 +23,22 @@ def shown(value) -> str:
     return text if len(text) <= 40 else f"{text[:12]}...{text[-6:]} ({len(text)} characters)"
 
 
+OUTSIDE_BOUNDS = ("x must lie within the bounds [clip_min, clip_max] = [{lo:g}, {hi:g}] (the attacks keep their "
+                  "points within them, so an image outside would move further than eps): pass the images' range")
+LABEL_RANGE = "y must hold class indices < {k}, the number of the model's logits"
 NEGATIVE_LABELS = ("y must hold class indices >= 0 (a negative label such as cross-entropy's ignore index -100 "
                    "would leave its sample unperturbed)")
 
 
 def _describe(v) -> str:
     return f"a {v.dtype} tensor" if isinstance(v, torch.Tensor) else type(v).__name__
+
+
+def check_bool(value, name: str) -> bool:
+    """``value`` if it is True or False: a string such as "False" is truthy, and would silently mean True."""
+    if not isinstance(value, bool):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return value
 
 
 def check_int(value, name: str, minimum: int) -> int:
@@ -141,6 +151,13 @@ def check_xy(x, y):
     # be cross-entropy's ignore index (-100), a sample the attack silently leaves unperturbed.
     torch._assert_async((y >= 0).all(), NEGATIVE_LABELS)
     return x, y
+
+
+def check_within(x: torch.Tensor, lo: float, hi: float) -> None:
+    """``x`` in ``[lo, hi]``, without a host sync (an error at once on the CPU, at the next sync on a GPU): an
+    attack keeps its points within the bounds, so an image outside them would move further than eps."""
+    if x.numel():
+        torch._assert_async(((x >= lo) & (x <= hi)).all(), OUTSIDE_BOUNDS.format(lo=lo, hi=hi))
 
 
 def check_hparams(params: dict) -> None:

@@ -68,6 +68,10 @@ class Objective:
         return (torch.zeros_like(x_adv) if g is None else g), logits.detach(), objective.detach()
 
     def success(self, logits, y):
+        # Every forward an attack reads goes through here: a label the logits have no class for would count as
+        # "fooled" (untargeted) or never (targeted) without a word. No host sync (see checks.check_xy).
+        if logits.dim() == 2 and y.numel():
+            torch._assert_async((y < logits.shape[1]).all(), checks.LABEL_RANGE.format(k=logits.shape[1]))
         pred = logits.argmax(1)
         return pred == y if self.descend else pred != y
 
@@ -104,8 +108,9 @@ def setup(model, x, y, eps, targeted, clip_min, clip_max, loss, amp, norm="linf"
     x, y = checks.check_xy(x, y)
     eps = checks.check_budget(eps, "eps", x)
     lo, hi = checks.check_bounds(clip_min, clip_max)
-    obj = Objective(model, checks.check_loss(loss), bool(targeted), checks.amp_dtype(amp, x.device.type),
-                    x.device.type)
+    checks.check_within(x, lo, hi)
+    obj = Objective(model, checks.check_loss(loss), checks.check_bool(targeted, "targeted"),
+                    checks.amp_dtype(amp, x.device.type), x.device.type)
     return x, y, eps, lo, hi, obj, threat
 
 
@@ -167,6 +172,8 @@ def run(model, x, y, *, eps, alpha, steps, random_start, restarts, targeted, ear
     alpha = checks.check_budget(alpha, "alpha", x)
     steps = checks.check_int(steps, "steps", 1)
     restarts = checks.check_int(restarts, "restarts", 1)
+    random_start = checks.check_bool(random_start, "random_start")
+    early_stop = checks.check_bool(early_stop, "early_stop")
     if x.shape[0] == 0:
         return x.clone()
 

@@ -231,8 +231,7 @@ def fab(model, x, y, *, eps, steps=100, restarts=1, targeted=False, n_target_cla
     n_target_classes = checks.check_int(n_target_classes, "n_target_classes", 1)
     alpha_max, eta, beta = check_fab_params(alpha_max, eta, beta)
     for name, flag in (("targeted", targeted), ("early_stop", early_stop), ("final_search", final_search)):
-        if not isinstance(flag, bool):
-            raise ValueError(f"{name} must be True or False, got {flag!r}")
+        checks.check_bool(flag, name)
     out = x.clone()
     n = x.shape[0]
     if n == 0:
@@ -243,6 +242,7 @@ def fab(model, x, y, *, eps, steps=100, restarts=1, targeted=False, n_target_cla
             clean = model(x)
         if clean.dim() != 2 or clean.shape[1] < 2:
             raise ValueError(f"FAB needs logits of shape [N, num_classes >= 2], got {list(clean.shape)}")
+        torch._assert_async((y < clean.shape[1]).all(), checks.LABEL_RANGE.format(k=clean.shape[1]))
         done = clean.argmax(1) != y
         targets = [None]
         if targeted:

@@ -358,8 +358,8 @@ def square(model, x, y, *, eps, n_queries=5000, p_init=0.8, rescale_schedule=Tru
     n_queries = checks.check_int(n_queries, "n_queries", 1)
     restarts = checks.check_int(restarts, "restarts", 1)
     p_init = _check_p_init(p_init)
-    if not isinstance(rescale_schedule, bool):
-        raise ValueError(f"rescale_schedule must be True or False, got {rescale_schedule!r}")
+    rescale_schedule = checks.check_bool(rescale_schedule, "rescale_schedule")
+    early_stop = checks.check_bool(early_stop, "early_stop")
     _check_generator(generator)
     out = x.clone()
     n = x.shape[0]

@@ -144,6 +144,18 @@ def _per_class(codes, y_all, attacks, num_classes):
     return out
 
 
+def _check_points(x, y, lo, hi) -> None:
+    """Labels >= 0 and images within the bounds, before any work."""
+    if len(y) and int(y.min()) < 0:
+        raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
+    if x.numel():
+        low, high = (float(v) for v in torch.aminmax(x.float()))
+        if low < lo or high > hi:
+            raise ValueError(f"the images lie in [{low:.6g}, {high:.6g}], outside the bounds clip_min={lo:g}, "
+                             f"clip_max={hi:g}: the attacks keep their points within the bounds, so an image "
+                             f"outside them would move further than eps")
+
+
 def _flagged(clean: dict, n: int) -> torch.Tensor:
     """The points the checks flag: those with an all-zero input gradient at the clean pass, or every point when
     a check about the whole model fired."""
@@ -179,7 +191,7 @@ def _run_attack(model, spec, i, j, e, state, x_all, y_all, dev, threat, lo, hi, 
                disable=not (progress and ctx.is_main), leave=False)
     for k in mine:
         points = chunks[k]
-        rec = state.load_chunk(j, i, k, points)
+        rec = state.load_chunk(j, i, k, points, x_all.shape[1:])
         if rec is None:
             torch.manual_seed(generator(seed, _CHUNK, j, i, k).initial_seed())
             x, y = x_all[points].to(dev), y_all[points].to(dev)
@@ -247,6 +259,7 @@ def autoattack(model, data, eps: Union[float, Sequence[float]] = 8 / 255, norm="
     pairs = [(x.cpu(), y.cpu()) for x, y in batches]
     x_all, y_all = torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]).long()
     n = len(y_all)
+    _check_points(x_all, y_all, lo, hi)
     dev = resolve_device(model, device)
     ctx = distributed.setup(dev)
     if ctx.distributed and torch.distributed.get_backend() == "nccl":
@@ -262,6 +275,12 @@ def autoattack(model, data, eps: Union[float, Sequence[float]] = 8 / 255, norm="
     keep = return_adversarial and ctx.is_main
 
     with torch.random.fork_rng(devices=rng_devices(dev)), eval_mode(model):
+        if n:  # every rank alike, before any work: a label the model has no logit for
+            with torch.no_grad():
+                classes = _full_precision_logits(model, x_all[:1].to(dev)).shape[-1]
+            if int(y_all.max()) >= classes:
+                raise ValueError(f"labels must be class indices < {classes} (the model's logits), got labels up "
+                                 f"to {int(y_all.max())}")
         torch.manual_seed(seed)
         if state.clean is None:
             t = time.perf_counter()

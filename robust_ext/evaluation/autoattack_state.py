@@ -32,6 +32,7 @@ log = logging.getLogger("robust_ext.evaluation")
 STATE_FILE = "autoattack_state.pt"
 CHUNK_DIR = "chunks"
 ROBUST, MISCLASSIFIED = -1, 0  # codes; attack i (from 0) that fooled a point is code i + 1
+_CLEAN_KEYS = {"zero_gradient", "flagged", "nonfinite", "softmax_output", "randomized", "num_classes"}
 
 
 def _save(path: Path, value) -> None:
@@ -63,6 +64,48 @@ def _differences(saved: dict, wanted: dict, prefix: str = "") -> list:
     return out
 
 
+def _damage(saved, shape, n_attacks: int) -> Optional[str]:
+    """What is wrong with a loaded state (None when nothing): the file is the user's, so it is checked before
+    its codes decide a report."""
+    if not isinstance(saved, dict) or not {"codes", "clean", "done", "outside"} <= saved.keys():
+        return "missing entries"
+    codes = saved["codes"]
+    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex() or \
+            codes.dtype == torch.bool:
+        return "codes are not an integer tensor"
+    if tuple(codes.shape) != tuple(shape):
+        return f"codes of shape {list(codes.shape)}, expected {list(shape)}"
+    if codes.numel() and (int(codes.min()) < ROBUST or int(codes.max()) > n_attacks):
+        return f"codes outside {ROBUST}..{n_attacks}"
+    clean = saved["clean"]
+    if clean is not None and not (isinstance(clean, dict) and _CLEAN_KEYS <= clean.keys()):
+        return "the clean pass's results are incomplete"
+    pairs = saved["done"]
+    if not isinstance(pairs, (list, tuple)) or not all(
+            isinstance(p, (list, tuple)) and len(p) == 2 and all(isinstance(v, int) for v in p) for p in pairs):
+        return "the finished attacks are not (eps, attack) index pairs"
+    outside = saved["outside"]
+    if not isinstance(outside, (list, tuple)) or not all(
+            isinstance(o, (list, tuple)) and len(o) == 2 and isinstance(o[1], int) for o in outside):
+        return "the counts of outputs outside the ball are malformed"
+    return None
+
+
+def _read_chunk(file: Path, sample_shape=None) -> Optional[dict]:
+    """A chunk file's record, or None when it cannot be read or does not hold what a chunk holds."""
+    try:
+        rec = torch.load(file, weights_only=True)
+        points, fooled, x_adv, outside = rec["points"], rec["fooled"], rec["x_adv"], rec["outside"]
+    except Exception:
+        return None
+    ok = (isinstance(points, torch.Tensor) and points.dim() == 1 and not points.is_floating_point()
+          and isinstance(fooled, torch.Tensor) and fooled.dtype == torch.bool and fooled.shape == points.shape
+          and isinstance(x_adv, torch.Tensor) and x_adv.is_floating_point() and x_adv.dim() >= 1
+          and x_adv.shape[0] == int(fooled.sum()) and isinstance(outside, int) and outside >= 0
+          and (sample_shape is None or tuple(x_adv.shape[1:]) == tuple(sample_shape)))
+    return rec if ok else None
+
+
 class EvaluationState:
     """What an evaluation has done: in memory always, on disk when ``path`` is a directory.
 
@@ -83,6 +126,8 @@ class EvaluationState:
         if self.path.exists() and not self.path.is_dir():
             raise ValueError(f"state_path {self.path}: is a file, expected a directory (existing or to create)")
         file = self.path / STATE_FILE
+        if file.exists() and not file.is_file():
+            raise ValueError(f"state_path {self.path}: {file} is not a file; remove it or use another state_path")
         if file.is_file():
             self._load(file)
         elif main:
@@ -93,17 +138,20 @@ class EvaluationState:
         try:
             saved = torch.load(file, weights_only=True)
             settings = json.loads(saved["settings"])
+            if not isinstance(settings, dict):
+                raise TypeError(f"its settings are a {type(settings).__name__}")
         except Exception as e:  # a file of another program, or one from another version
             raise ValueError(f"state_path {self.path}: {file.name} is not an AutoAttack state "
-                             f"({type(e).__name__}: {e})") from None
+                             f"({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); delete it "
+                             f"to start over") from None
         diff = _differences(settings, self.settings)
         if diff:
             key, old, new = diff[0]
             raise ValueError(f"state_path {self.path}: the saved evaluation ran with {key}={old!r}, this one asks "
                              f"for {key}={new!r}; resume with the same settings or use another state_path")
-        if tuple(saved["codes"].shape) != tuple(self.codes.shape):
-            raise ValueError(f"state_path {self.path}: its codes have shape {list(saved['codes'].shape)}, expected "
-                             f"{list(self.codes.shape)}")
+        problem = _damage(saved, self.codes.shape, len(settings.get("attacks") or ()))
+        if problem:
+            raise ValueError(f"state_path {self.path}: {file.name} is damaged ({problem}); delete it to start over")
         self.codes, self.clean = saved["codes"].to(torch.int16), saved["clean"]
         self.done = {tuple(p) for p in saved["done"]}
         self.outside = {tuple(k): v for k, v in saved["outside"]}
@@ -130,15 +178,19 @@ class EvaluationState:
     def _chunk(self, j: int, i: int, k: int) -> Path:
         return self.path / CHUNK_DIR / f"e{j}_a{i}_c{k}.pt"
 
-    def load_chunk(self, j: int, i: int, k: int, points) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
+    def load_chunk(self, j: int, i: int, k: int, points, sample_shape=None
+                   ) -> Optional[Tuple[torch.Tensor, torch.Tensor, int]]:
         """``(fooled mask, x_adv of the fooled points, outputs outside the ball)`` of a finished chunk, or None (not
-        run, or its file is for other points)."""
+        run, damaged, or its file is for other points): such a chunk is run again."""
         if self.path is None:
             return None
         file = self._chunk(j, i, k)
         if not file.is_file():
             return None
-        rec = torch.load(file, weights_only=True)
+        rec = _read_chunk(file, sample_shape)
+        if rec is None:
+            log.warning("autoattack: %s is damaged: recomputing it", file)
+            return None
         if not torch.equal(rec["points"], points):
             log.warning("autoattack: %s holds other points than this chunk: recomputing it", file)
             return None
@@ -154,5 +206,6 @@ class EvaluationState:
         if self.path is None:
             return
         for file in sorted((self.path / CHUNK_DIR).glob(f"e{j}_a{i}_c*.pt")):
-            rec = torch.load(file, weights_only=True)
-            yield rec["points"][rec["fooled"]], rec["x_adv"]
+            rec = _read_chunk(file)
+            if rec is not None:
+                yield rec["points"][rec["fooled"]], rec["x_adv"]

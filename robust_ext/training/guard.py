@@ -10,6 +10,16 @@ import math
 from typing import Any, Dict, Optional
 
 
+def diverged(epoch: int, record: Dict[str, Any]) -> Optional[str]:
+    """Why an epoch's record shows a diverged run (a non-finite training loss: the weights are NaN or infinite,
+    and every prediction is class 0), or None. Checked for every method, with or without the guard."""
+    loss = record.get("train_loss")
+    if loss is not None and not math.isfinite(float(loss)):
+        return (f"diverged: the training loss is {float(loss)} at epoch {epoch} (a learning rate too high for this "
+                f"model?)")
+    return None
+
+
 class CollapseGuard:
     """Watches one robust accuracy per epoch; :meth:`update` returns why the run collapsed, or None.
 

@@ -20,7 +20,7 @@ from .batches import Batches, EpochOrder, check_dataset, derive_seed, num_batche
 from .checkpoint import (capture_rng, check_resumable, load_training_checkpoint, remove_stale_temporaries,
                          restore_rng, resume_path, save_training_checkpoint)
 from .config import TrainConfig, resolve
-from .guard import CollapseGuard
+from .guard import CollapseGuard, diverged
 from .monitor import MetricsLog, Progress, plot_curves
 from .result import TrainResult
 
@@ -167,7 +167,12 @@ class _Run:
         checkpoint = load_training_checkpoint(path)
         state = checkpoint["training"]
         check_resumable(path, state["config"], self.cfg)
-        self.raw.load_state_dict(checkpoint["state_dict"])
+        try:
+            self.raw.load_state_dict(checkpoint["state_dict"])
+        except RuntimeError as e:  # another architecture (or size) than the model given to train
+            saved = checkpoint.get("arch")
+            raise ValueError(f"cannot resume from {path}: its weights{f' (a {saved})' if saved else ''} do not fit "
+                             f"this model: {str(e).splitlines()[0]}") from None
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scheduler is not None:
             self.scheduler.load_state_dict(state["scheduler"])
@@ -346,7 +351,9 @@ class _Run:
             while self.stop_reason is None and stopped_by_user is None and epoch <= c.epochs:
                 record = self._train_epoch(epoch)
                 record.update(self._evaluate())
-                reason = self.guard.update(epoch, record["robust_acc"]) if self.guard is not None else None
+                reason = diverged(epoch, record)
+                if reason is None and self.guard is not None:
+                    reason = self.guard.update(epoch, record["robust_acc"])
                 record["collapsed"] = reason is not None
                 improved = False
                 if reason is None and self.best_metric is not None:
