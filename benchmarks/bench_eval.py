@@ -9,7 +9,8 @@ the same test points, side by side:
 
 * ``torchattacks``: its components built with the original's ``standard`` settings (APGD-CE and APGD-T with
   ``steps=100``, FAB multi-targeted with ``steps=100``, Square with 5,000 queries, one restart each; its own
-  ``AutoAttack`` class would run 10 steps, its issue #196), each attack run on the points still robust, as
+  ``AutoAttack`` class would run 10 steps, its issue #196; Square with ``resc_schedule=False``, as the
+  original's ensemble builds it), each attack run on the points still robust, as
   its ``MultiAttack`` does.
 * ``standard`` (fp32; bf16 autocast where the CPU runs bf16 natively) and ``fast`` from
   :func:`robust_ext.evaluation.autoattack`.
@@ -105,7 +106,9 @@ def peer_attacks(model, norm: str, eps: float, steps: int, queries: int):
             "apgd-t": ta.APGDT(model, norm=n, eps=eps, steps=steps, n_restarts=1, n_classes=10, seed=0),
             "fab-t": ta.FAB(model, norm=n, eps=eps, steps=steps, n_restarts=1, multi_targeted=True, n_classes=10,
                             seed=0),
-            "square": ta.Square(model, norm=n, eps=eps, n_queries=queries, n_restarts=1, p_init=0.8, seed=0)}
+            # resc_schedule=False: AutoAttack's Square (torchattacks' own AutoAttack keeps the class default True)
+            "square": ta.Square(model, norm=n, eps=eps, n_queries=queries, n_restarts=1, p_init=0.8,
+                                resc_schedule=False, seed=0)}
 
 
 def run_peer(counter: Counter, x, y, norm, eps, steps, queries, batch) -> dict:

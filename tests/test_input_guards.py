@@ -243,3 +243,32 @@ def test_cli_resume_of_another_architecture_is_one_clear_error(tmp_path, capsys)
                  "--out", out])
     err = capsys.readouterr().err
     assert code == 2 and "cannot resume from" in err and "do not fit this model" in err and err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    ({"n_examples": -1}, "n_examples must be an integer >= 0, got -1"),
+    ({"eps": [0.0]}, r"min_eps bisects up to eps_max, by default the largest eps, which is 0.*--no-min-eps"),
+    ({"plot_dir": "FILE"}, "plot_dir .*: is an existing file, expected a directory"),
+])
+def test_evaluate_checks_before_the_work(tmp_path, kwargs, match):
+    # Before: plot_dir naming a file failed after the whole evaluation, n_examples=-1 was accepted, and eps 0
+    # said "eps_max must be a finite float > 0" (a setting the caller never gave).
+    from robust_ext.evaluation import evaluate
+
+    calls = []
+    model = linear_model()
+    model.register_forward_hook(lambda *a: calls.append(1))
+    (tmp_path / "file").write_text("x")
+    kwargs = {k: (str(tmp_path / "file") if v == "FILE" else v) for k, v in kwargs.items()}
+    with pytest.raises(ValueError, match=match):
+        evaluate(model, points(), ["fgsm"], **{"eps": [0.1], "progress": False, **kwargs})
+    assert not calls
+
+
+def test_an_int_too_large_for_a_float_is_a_named_error():
+    # Before: clip_max=10**400 raised a bare OverflowError from math.isnan.
+    model, (x, y) = linear_model(), points()
+    with pytest.raises(ValueError, match=r"clip_max must be a float, got 100000000000\.\.\."):
+        A.pgd(model, x, y, eps=0.1, alpha=0.1, steps=1, clip_max=10 ** 400)
+    with pytest.raises(ValueError, match="eps must be a finite float"):
+        A.PGD(model, eps=10 ** 400)(x, y)

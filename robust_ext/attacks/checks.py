@@ -50,6 +50,14 @@ def check_int(value, name: str, minimum: int) -> int:
 # The largest budget (the ops' rule, csrc/checks.h and reference.MAX_BUDGET), checked here before any work.
 
 
+def _float_or_inf(value) -> bool:
+    """A real number a float holds (infinities included; not NaN, not an int too large for a float)."""
+    try:
+        return not math.isnan(float(value))
+    except OverflowError:
+        return False
+
+
 def _finite_real(value) -> bool:
     try:
         return math.isfinite(value) and abs(value) <= MAX_BUDGET
@@ -89,8 +97,8 @@ def check_budget(value, name: str, x: torch.Tensor):
 
 def check_bounds(clip_min, clip_max) -> tuple[float, float]:
     for v, name in ((clip_min, "clip_min"), (clip_max, "clip_max")):
-        if isinstance(v, bool) or not isinstance(v, numbers.Real) or math.isnan(v):
-            raise ValueError(f"{name} must be a float, got {v!r}")
+        if isinstance(v, bool) or not isinstance(v, numbers.Real) or not _float_or_inf(v):
+            raise ValueError(f"{name} must be a float, got {shown(v)}")
     if not clip_min < clip_max:  # one rule for attacks, evaluation, training and the CLI
         raise ValueError(f"clip_min must be < clip_max, got clip_min={clip_min} and clip_max={clip_max}")
     return float(clip_min), float(clip_max)

@@ -10,6 +10,8 @@ import numbers
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Optional, Tuple
 
+import torch
+
 from . import checks
 from .apgd import apgd, apgd_t
 from .fab import fab, fab_t
@@ -89,7 +91,12 @@ class AttackEntry:
         """``params["alpha"]``, or the default rule's step for ``eps`` (a float or per-sample tensor)."""
         if params.get("alpha") is not None or self.alpha_rule is None:
             return params.get("alpha")
-        return self.alpha_rule(eps, params)
+        eps = checks.check_scalar_budget(eps, "eps")  # e.g. 10**400: the eps's error, not the product's
+        alpha = self.alpha_rule(eps, params)
+        if not isinstance(alpha, torch.Tensor) and not alpha <= checks.MAX_BUDGET:
+            raise ValueError(f"eps={eps:.4g} makes {self.name}'s default step {alpha:.4g}, beyond float32's range: "
+                             f"pass a smaller eps, or alpha")
+        return alpha
 
     def __call__(self, model, x, y, eps, *, norm="linf", clip_min=0.0, clip_max=1.0, generator=None, **params):
         """Run the attack with ``params`` (checked, defaults filled) at budget ``eps``."""

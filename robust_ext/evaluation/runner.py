@@ -14,6 +14,8 @@ import torch
 from tqdm.auto import tqdm
 
 from .. import backend
+from .._io import check_out_dir
+from ..attacks.checks import check_int
 from ..attacks.threats import get_threat, norm_label
 from . import metrics
 from ._inputs import (as_batches, check_eps, check_eps_grid, check_seed, eval_mode, generator, logits_of, model_info,
@@ -155,11 +157,17 @@ def evaluate(model, data, attacks=("fgsm", "pgd"), *, eps: Sequence[float], targ
     if large_eps not in (None, "auto"):
         check_eps(large_eps, "large_eps", positive=True)
     pgd = _pgd_spec(specs)
+    n_examples = check_int(n_examples, "n_examples", 0)
+    if plot_dir is not None:
+        check_out_dir(plot_dir, "plot_dir")  # before the work, not after it
     bisect = None
     if min_eps is not False:
         bisect = pgd if min_eps is True else resolve_attacks(min_eps)[0]
         if not bisect.per_sample_eps:
             raise ValueError(f"min_eps needs a named attack (it bisects a per-sample eps), got {bisect.name!r}")
+        if eps_max is None and max(grid) <= 0:
+            raise ValueError("min_eps bisects up to eps_max, by default the largest eps, which is 0: pass eps_max "
+                             "> 0, or min_eps=False (CLI: --no-min-eps)")
         eps_max = check_eps(max(grid) if eps_max is None else eps_max, "eps_max", positive=True)
         min_eps_tol = eps_max / 256 if min_eps_tol is None else check_eps(min_eps_tol, "min_eps_tol", positive=True)
     batches = as_batches(data, batch_size, max_samples, data_name)
