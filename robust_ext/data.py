@@ -41,6 +41,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, TensorDataset
 
+from .attacks.checks import check_images_within
 from .own_data import own_source, read_own
 
 log = logging.getLogger(__name__)
@@ -444,11 +445,7 @@ def load_dataset(name: str = "mnist5k", *, data_dir: Optional[PathLike] = None, 
         x = torch.from_numpy(np.ascontiguousarray(images)).to(torch.float32).div_(255.0)
     else:
         x = torch.from_numpy(np.ascontiguousarray(images, dtype=np.float32))
-    lo, hi = (float(v) for v in torch.aminmax(x)) if x.numel() else (clip_min, clip_max)
-    if lo < clip_min or hi > clip_max:  # the built-in sets are in [0, 1]; your own are checked when read
-        raise ValueError(f"{source}: the images lie in [{lo:.6g}, {hi:.6g}], outside the clip bounds "
-                         f"[{clip_min:g}, {clip_max:g}] (the attacks keep their points within the bounds: bounds "
-                         f"that cut the images would move them further than eps)")
+    check_images_within(x, clip_min, clip_max, f"{source}: ")  # the built-in sets are in [0, 1]
     dataset = ImageDataset(x, torch.from_numpy(np.ascontiguousarray(labels, dtype=np.int64)),
                            name=key, split=split, classes=classes, source=source)
     log.info("loaded %r", dataset)

@@ -79,7 +79,7 @@ def test_built_in_data_is_checked_against_the_bounds():
 
 
 @pytest.mark.parametrize("change, match", [
-    (lambda x, y: (x * 3, y), r"the images lie in \[.*\], outside the bounds clip_min=0, clip_max=1"),
+    (lambda x, y: (x * 3, y), r"the images lie in \[.*\], outside the clip bounds \[0, 1\]"),
     (lambda x, y: (x, torch.where(torch.arange(len(y)) == 2, -1, y)), "labels must be class indices >= 0, got -1"),
     (lambda x, y: (x, torch.where(torch.arange(len(y)) == 2, 10, y)), "labels must be class indices < 10"),
 ])

@@ -161,6 +161,17 @@ def check_xy(x, y):
     return x, y
 
 
+def check_images_within(x: torch.Tensor, lo: float, hi: float, source: str = "") -> None:
+    """ValueError unless every value of ``x`` lies in ``[lo, hi]`` (one host read: for data sets and evaluations
+    before their work; the attacks use :func:`check_within`)."""
+    if x.numel():
+        low, high = (float(v) for v in torch.aminmax(x.detach().float()))
+        if low < lo or high > hi:
+            raise ValueError(f"{source}the images lie in [{low:.6g}, {high:.6g}], outside the clip bounds "
+                             f"[{lo:g}, {hi:g}] (the attacks keep their points within the bounds: bounds that cut "
+                             f"the images would move them further than eps)")
+
+
 def check_within(x: torch.Tensor, lo: float, hi: float) -> None:
     """``x`` in ``[lo, hi]``, without a host sync (an error at once on the CPU, at the next sync on a GPU): an
     attack keeps its points within the bounds, so an image outside them would move further than eps."""

@@ -35,7 +35,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from ..attacks.checks import check_bounds, check_int
+from ..attacks.checks import check_bounds, check_images_within, check_int
 from ..attacks.threats import get_threat
 from ..training import distributed
 from . import autoattack_checks as checks
@@ -148,12 +148,7 @@ def _check_points(x, y, lo, hi) -> None:
     """Labels >= 0 and images within the bounds, before any work."""
     if len(y) and int(y.min()) < 0:
         raise ValueError(f"labels must be class indices >= 0, got {int(y.min())}")
-    if x.numel():
-        low, high = (float(v) for v in torch.aminmax(x.float()))
-        if low < lo or high > hi:
-            raise ValueError(f"the images lie in [{low:.6g}, {high:.6g}], outside the bounds clip_min={lo:g}, "
-                             f"clip_max={hi:g}: the attacks keep their points within the bounds, so an image "
-                             f"outside them would move further than eps")
+    check_images_within(x, lo, hi)
 
 
 def _flagged(clean: dict, n: int) -> torch.Tensor:
